@@ -1,0 +1,38 @@
+"""``python -m rm_runner [group=option ...] [key=value ...]``: one run, or a sweep with ``-m``.
+
+Only Hydra and OmegaConf are imported before the task runs, so ``--cfg job`` and ``--help``
+stay fast and never import torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from rm_runner.config import register_schema
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from rm_runner.errors import RunnerError
+    from rm_runner.runner import run
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+    except RunnerError:
+        sys.exit(1)  # already logged as one line, and recorded in status.json
+
+
+def main() -> None:
+    _task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The interface every device backend implements (DESIGN.md, "The layers").
+
+A backend turns a model reference into something that runs on its device and executes
+Hugging Face-form inputs on it, returning Hugging Face-form outputs, so code written
+against ``transformers`` does not change from one device to another.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from rm_runner.config import check_options
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; when not, which check failed and what fixes it."""
+
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def describe(self) -> str:
+        if self.ok:
+            return "available"
+        return f"{self.reason}. Fix: {self.fix}" if self.fix else self.reason
+
+
+@dataclass
+class BackendOptions:
+    """Options common to every backend; each backend extends this with its own."""
+
+
+class Backend(ABC):
+    """One device kind. Registered under the entry-point group ``rm_runner.backends``."""
+
+    name: ClassVar[str]
+    # NPU 400 > GPU 300 > PIM 200 > CPU 100 > Remote 0: `device=auto` takes the highest available.
+    priority: ClassVar[int]
+    options_class: ClassVar[type] = BackendOptions
+
+    def __init__(self, **options: Any) -> None:
+        self.options = check_options(self.options_class, options, section="device")
+        # Filled by `device=auto`: every candidate considered and why it was or was not chosen.
+        self.selection: list[dict[str, Any]] = []
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> Availability:
+        """Cheap check with no model loaded; must not raise."""
+
+    @abstractmethod
+    def initialize(self) -> None:
+        """Claim the device (threads, memory, runtime) before any model is prepared."""
+
+    @abstractmethod
+    def prepare_model(self, model: Any, model_config: Any) -> Any:
+        """Return a handle that ``execute`` runs: from a local model directory or a loaded model."""
+
+    @abstractmethod
+    def execute(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
+        """Run ``generate`` on Hugging Face-form inputs (input_ids, attention_mask)."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Release the device; safe to call twice."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the run directory records about this backend."""
+        from dataclasses import asdict
+
+        described: dict[str, Any] = {"name": self.name, "options": asdict(self.options)}
+        if self.selection:
+            described["selection"] = self.selection
+        return described

@@ -1,0 +1,62 @@
+"""Backends are found through the entry-point group ``rm_runner.backends``.
+
+The built-in ones are declared there too (pyproject.toml), so a third-party device is a
+package with one entry point, never an edit here. This module is the only place that
+chooses between devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+from typing import Any
+
+from rm_runner.backends.base import Backend
+from rm_runner.errors import ConfigError, DeviceUnavailableError
+
+GROUP = "rm_runner.backends"
+log = logging.getLogger(__name__)
+
+
+def backend_classes() -> dict[str, type[Backend]]:
+    """Every registered backend by name, highest priority first."""
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not take the others down
+            log.warning("backend plugin %r failed to load: %s", ep.name, exc)
+            continue
+        found[ep.name] = cls
+    return dict(sorted(found.items(), key=lambda item: -item[1].priority))
+
+
+def get(name: str, **options: Any) -> Backend:
+    """Build the backend registered as ``name``."""
+    classes = backend_classes()
+    if name not in classes:
+        raise ConfigError(f"device={name} is not a registered backend; registered: {', '.join(classes)}")
+    return classes[name](**options)
+
+
+def auto(**options: Any) -> Backend:
+    """The highest-priority backend available here, with the reasons the others were passed over."""
+    selection: list[dict[str, Any]] = []
+    chosen: type[Backend] | None = None
+    for name, cls in backend_classes().items():
+        if chosen is not None:
+            selection.append({"name": name, "priority": cls.priority, "chosen": False, "reason": "lower priority"})
+            continue
+        availability = cls.is_available()
+        selection.append(
+            {"name": name, "priority": cls.priority, "chosen": availability.ok, "reason": availability.describe()}
+        )
+        if availability.ok:
+            chosen = cls
+    if chosen is None:
+        reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in selection)
+        raise DeviceUnavailableError(f"device=auto found no available backend ({reasons})")
+    backend = chosen(**options)
+    backend.selection = selection
+    log.info("device=auto chose %s (%s)", chosen.name, "; ".join(f"{s['name']}: {s['reason']}" for s in selection))
+    return backend

@@ -1,0 +1,70 @@
+"""Shared by the backends that run a ``transformers`` model on a PyTorch device (CPU, CUDA).
+
+``execute`` is Hugging Face's own ``generate()``, so outputs are exactly what user code gets
+from transformers; the backends differ only in the torch device, dtypes and set-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rm_runner.backends.base import Backend
+from rm_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TransformersTorchBackend(Backend):
+    supported_dtypes: ClassVar[tuple[str, ...]]
+    default_dtype: ClassVar[str]
+
+    def torch_device(self) -> str:
+        raise NotImplementedError
+
+    def resolve_dtype(self, dtype: Any) -> Any:
+        import torch
+
+        name = getattr(dtype, "value", dtype)
+        if name == "auto":
+            name = self.default_dtype
+        if name not in self.supported_dtypes:
+            raise ConfigError(
+                f"model.dtype={name} is not supported on device {self.name}; "
+                f"use one of: {', '.join(self.supported_dtypes)}"
+            )
+        return getattr(torch, name)
+
+    def prepare_model(self, model: Any, model_config: Any) -> Any:
+        """Load from a local directory (or take a loaded model), cast, move and switch to eval."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = self.resolve_dtype(model_config.dtype)
+        if isinstance(model, (str, Path)):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model), dtype=dtype, trust_remote_code=model_config.trust_remote_code
+            )
+        else:
+            model = model.to(dtype)
+        model = model.to(torch.device(self.torch_device()))
+        model.eval()
+        return model
+
+    def execute(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
+        """``model.generate(**inputs, **kwargs)`` under inference mode; ``seed`` seeds sampling."""
+        import torch
+
+        seed = kwargs.pop("seed", None)
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = model.device
+        moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            return model.generate(**moved, **kwargs)
+
+    def cleanup(self) -> None:
+        import gc
+
+        gc.collect()

@@ -1,0 +1,141 @@
+"""Structured configs: the schema every composed run is checked against.
+
+Hydra merges ``conf/config.yaml`` onto ``rm_runner_schema`` (registered below), so a typo in
+a key or a wrong type fails at composition, before any model loads. Sections that hold a
+``_target_`` (device, engine, model source, pipeline steps) are checked by the class they
+name, when the runner instantiates them, still before loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rm_runner.errors import ConfigError
+
+
+class Dtype(str, Enum):
+    """Weight/compute precision; names as in ``torch`` and vLLM's ``--dtype``."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class ModelConfig:
+    """What runs: a name for the run directory, where the weights come from, and limits."""
+
+    name: str = MISSING
+    # A `_target_` node: rm_runner.models.pretrained.Pretrained (hub id or local dir),
+    # rm_runner.models.packaged.PackagedGGUF, rm_runner.models.tiny_random.TinyRandom, or yours.
+    source: Any = MISSING
+    dtype: Dtype = Dtype.float32
+    max_model_len: int = 2048
+    trust_remote_code: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling parameters, named as in Hugging Face ``generate()`` and vLLM ``SamplingParams``."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    seed: int = 0
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"generation.temperature must be > 0, got {self.temperature} "
+                "(for greedy decoding set generation.do_sample=false)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"generation.top_k must be >= 1 or null, got {self.top_k}")
+
+
+@dataclass
+class WorkloadConfig:
+    """Which prompts run: inline prompts, inline chat conversations, or a JSONL file."""
+
+    name: str = MISSING
+    prompts: list[str] = field(default_factory=list)
+    # Each conversation is a list of {role, content} messages, rendered by the chat template.
+    conversations: list[list[dict[str, str]]] = field(default_factory=list)
+    # JSONL file: one object per line with "prompt" (text) or "messages" (a conversation).
+    path: Optional[str] = None
+    # Wrap plain prompts as a user turn and render them with the model's chat template.
+    chat_template: bool = True
+    limit: Optional[int] = None
+
+
+@dataclass
+class PipelineConfig:
+    """An ordered list of steps, each a `_target_` called with the run context."""
+
+    name: str = MISSING
+    steps: list[Any] = MISSING
+
+
+@dataclass
+class RunConfig:
+    device: Any = MISSING
+    engine: Any = MISSING
+    model: ModelConfig = MISSING
+    pipeline: PipelineConfig = MISSING
+    workload: WorkloadConfig = MISSING
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="rm_runner_schema", node=RunConfig)
+
+
+def validated(cfg: DictConfig) -> DictConfig:
+    """Return ``cfg`` with every interpolation resolved and every typed section checked.
+
+    Raises ConfigError naming the key, so a bad value is reported before any model loads.
+    """
+    try:
+        resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, resolved)
+        OmegaConf.to_object(merged.generation)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        detail = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        if type(exc).__name__ == "MissingMandatoryValue":
+            raise ConfigError(f"{key} is required: set it on the command line ({key}=...)") from None
+        raise ConfigError(f"{key}: {detail}" if key else detail) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return merged
+
+
+def check_options(schema: type, options: dict[str, Any], section: str) -> Any:
+    """Validate a `_target_`'s keyword options against its dataclass; errors name ``section.key``."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(options))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or ""
+        detail = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())  # type: ignore[attr-defined]
+        if "not in struct" in str(exc) or "Key '" in detail and "not in" in detail:
+            raise ConfigError(f"{section}.{key}: unknown option; valid options are: {allowed}") from None
+        raise ConfigError(f"{section}.{key}: {detail}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{section}: {exc}") from None

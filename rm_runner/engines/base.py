@@ -1,0 +1,37 @@
+"""The serving-engine interface: how a pipeline reaches a model, in-process or over a server."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.requests import Completion, Request
+
+
+class Engine(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start(self) -> None:
+        """Bring the engine up (claim the device, or start and wait for a server)."""
+
+    @abstractmethod
+    def load_model(self, path: Path, config: ModelConfig) -> None:
+        """Make the model at ``path`` (a local directory) ready to serve."""
+
+    @abstractmethod
+    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
+        """Complete every request, in order."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Release everything ``start`` took; safe to call twice and after a failed start."""
+
+    @abstractmethod
+    def health(self) -> bool:
+        """True when the engine can take requests."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}

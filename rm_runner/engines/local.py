@@ -1,0 +1,145 @@
+"""The in-process engine: the backend runs in this process, prompts go in as padded batches."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rm_runner.backends.base import Backend
+from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.engines.base import Engine
+from rm_runner.errors import ConfigError, RunnerError
+from rm_runner.requests import Completion, Request
+
+log = logging.getLogger(__name__)
+
+
+class LocalEngine(Engine):
+    name = "local"
+
+    def __init__(self, backend: Backend, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"engine.batch_size must be >= 1, got {batch_size}")
+        self.backend = backend
+        self.batch_size = batch_size
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.eos_ids: set[int] = set()
+        self.max_model_len = 0
+        self._started = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "batch_size": self.batch_size, "backend": self.backend.describe()}
+
+    def start(self) -> None:
+        self.backend.initialize()
+        self._started = True
+
+    def load_model(self, path: Path, config: ModelConfig) -> None:
+        from transformers import AutoTokenizer, GenerationConfig as HFGenerationConfig
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = self.backend.prepare_model(path, config)
+        try:
+            eos = HFGenerationConfig.from_pretrained(str(path)).eos_token_id
+        except OSError:  # no generation_config.json: the tokenizer knows
+            eos = None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.max_model_len = config.max_model_len
+
+    def health(self) -> bool:
+        return self._started and self.model is not None
+
+    def stop(self) -> None:
+        if self._started:
+            self.model = None
+            self.backend.cleanup()
+            self._started = False
+
+    def render(self, request: Request) -> list[int]:
+        """Token ids of one request, through the chat template when it has one."""
+        conversation = request.conversation()
+        if conversation is None:
+            return self.tokenizer(request.prompt or "")["input_ids"]
+        if not self.tokenizer.chat_template:
+            raise ConfigError(
+                f"request {request.id}: the model has no chat template; set workload.chat_template=false "
+                "to send raw prompts"
+            )
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate_kwargs(self, generation: GenerationConfig) -> dict[str, Any]:
+        """Our generation section as Hugging Face ``generate()`` keywords."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": generation.max_new_tokens,
+            "do_sample": generation.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "seed": generation.seed,
+        }
+        if generation.do_sample:
+            kwargs.update(temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
+        else:  # unset sampling flags, or generate() warns that they are ignored
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if generation.ignore_eos:
+            kwargs["eos_token_id"] = None
+        return kwargs
+
+    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
+        if not self.health():
+            raise RunnerError("engine=local: infer() before start() and load_model()")
+        encoded = [self.render(r) for r in requests]
+        for request, ids in zip(requests, encoded):
+            if len(ids) + generation.max_new_tokens > self.max_model_len:
+                raise ConfigError(
+                    f"request {request.id}: {len(ids)} prompt tokens + generation.max_new_tokens="
+                    f"{generation.max_new_tokens} exceed model.max_model_len={self.max_model_len}"
+                )
+        kwargs = self.generate_kwargs(generation)
+        completions: list[Completion] = []
+        with tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True) as bar:
+            for start in range(0, len(requests), self.batch_size):
+                batch = requests[start : start + self.batch_size]
+                ids = encoded[start : start + self.batch_size]
+                completions.extend(self._run_batch(batch, ids, kwargs, generation))
+                bar.update(len(batch))
+        return completions
+
+    def _run_batch(
+        self, batch: list[Request], ids: list[list[int]], kwargs: dict[str, Any], generation: GenerationConfig
+    ) -> list[Completion]:
+        inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+        began = time.perf_counter()
+        output = self.backend.execute(self.model, dict(inputs), **kwargs)
+        latency = time.perf_counter() - began
+        sequences = getattr(output, "sequences", output)
+        width = inputs["input_ids"].shape[1]
+        results = []
+        for request, prompt_ids, row in zip(batch, ids, sequences.tolist()):
+            new = row[width:]
+            finish = "length"
+            if not generation.ignore_eos:
+                for i, tok in enumerate(new):
+                    if tok in self.eos_ids:
+                        new, finish = new[: i + 1], "stop"
+                        break
+            results.append(
+                Completion(
+                    id=request.id,
+                    prompt=request.messages if request.messages is not None else request.prompt,
+                    text=self.tokenizer.decode(new, skip_special_tokens=True),
+                    token_ids=new,
+                    prompt_tokens=len(prompt_ids),
+                    output_tokens=len(new),
+                    finish_reason=finish,
+                    latency_s=round(latency, 6),
+                )
+            )
+        return results

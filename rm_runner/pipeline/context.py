@@ -1,0 +1,28 @@
+"""What every pipeline step receives: the run's config, parts and where to write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.engines.base import Engine
+from rm_runner.requests import Request
+from rm_runner.rundir import RunDir
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: RunDir
+    engine: Engine
+    model: ModelConfig
+    model_source: Any
+    requests: list[Request]
+    generation: GenerationConfig
+    # Figures for metrics.json, written after every step so a later failure loses none.
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # Results a step hands to the steps after it, by name.
+    results: dict[str, Any] = field(default_factory=dict)

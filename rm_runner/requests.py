@@ -1,0 +1,44 @@
+"""What flows between workloads, engines and pipeline steps: requests in, completions out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class Request:
+    """One prompt: plain text, or a conversation rendered with the model's chat template."""
+
+    id: str
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None
+    chat_template: bool = True
+
+    def conversation(self) -> list[dict[str, str]] | None:
+        """The messages the chat template renders, or None for a raw completion prompt."""
+        if self.messages is not None:
+            return self.messages
+        if self.chat_template:
+            return [{"role": "user", "content": self.prompt or ""}]
+        return None
+
+
+@dataclass
+class Completion:
+    """One request's result, as written to ``generations.jsonl``."""
+
+    id: str
+    prompt: Any
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    latency_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data

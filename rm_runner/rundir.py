@@ -1,0 +1,89 @@
+"""The run directory: every file a run leaves, written atomically.
+
+A file is written to a temporary name beside its target, flushed to disk and renamed over
+it, so a crash never leaves a half-written file that looks complete. ``status.json`` is
+written first as ``running`` and last as ``ok`` or ``failed``, so a reader can always tell
+a finished run from an interrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG = "config.yaml"
+STATUS = "status.json"
+METRICS = "metrics.json"
+ENVIRONMENT = "environment.json"
+GENERATIONS = "generations.jsonl"
+LOG = "rm_runner.log"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+class RunDir:
+    """One run's directory; the only place the runner writes to."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._started = time.time()
+
+    def write_json(self, name: str, data: Any) -> Path:
+        target = self.path / name
+        atomic_write_text(target, to_json(data))
+        return target
+
+    def write_jsonl(self, name: str, records: Iterable[dict[str, Any]]) -> Path:
+        target = self.path / name
+        atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        return target
+
+    def write_config(self, cfg: DictConfig) -> Path:
+        target = self.path / CONFIG
+        atomic_write_text(target, OmegaConf.to_yaml(cfg, resolve=True))
+        return target
+
+    def set_status(self, status: str, reason: str | None = None, **extra: Any) -> None:
+        record = {
+            "status": status,
+            "reason": reason,
+            "started": _iso(self._started),
+            "updated": _iso(time.time()),
+            "elapsed_s": round(time.time() - self._started, 3),
+            **extra,
+        }
+        self.write_json(STATUS, record)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        lines = (self.path / name).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))

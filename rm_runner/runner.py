@@ -1,0 +1,94 @@
+"""compose → validate → instantiate → pipeline → run directory.
+
+Hydra composes (``__main__``); this module does the rest and owns the run directory, so a
+run replayed from a saved config goes through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rm_runner import environment
+from rm_runner.config import validated
+from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
+from rm_runner.pipeline.context import RunContext
+from rm_runner.rundir import ENVIRONMENT, METRICS, RunDir
+from rm_runner.workload import load_requests
+
+log = logging.getLogger(__name__)
+
+
+def build(section: str, node: Any, **kwargs: Any) -> Any:
+    """Instantiate a `_target_` node; errors name the config section instead of Hydra internals."""
+    try:
+        return instantiate(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, RunnerError):
+            raise cause from None
+        if isinstance(cause, TypeError):
+            raise ConfigError(f"{section}: {cause}") from None
+        raise ConfigError(f"{section}: {str(exc).splitlines()[0]}") from None
+
+
+def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
+    """Everything short of loading the model, so bad input fails in seconds."""
+    backend = build("device", cfg.device)
+    availability = type(backend).is_available()
+    if not availability:
+        raise DeviceUnavailableError(
+            f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"
+        )
+    engine = build("engine", cfg.engine, backend=backend)
+    steps = [build(f"pipeline.steps[{i}]", step) for i, step in enumerate(cfg.pipeline.steps)]
+    model = OmegaConf.to_object(cfg.model)
+    source = build("model.source", cfg.model.source)
+    source.check()
+    requests = load_requests(OmegaConf.to_object(cfg.workload))
+    ctx = RunContext(
+        cfg=cfg, run_dir=run_dir, engine=engine, model=model, model_source=source,
+        requests=requests, generation=OmegaConf.to_object(cfg.generation),
+    )
+    ctx.metrics["engine"] = engine.describe()
+    return ctx, steps
+
+
+def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -> RunDir:
+    """Run ``cfg`` into the directory ``path``; the status file says ok or failed and why."""
+    run_dir = RunDir(path)
+    run_dir.set_status("running")
+    ctx: RunContext | None = None
+    try:
+        run_dir.write_json("overrides.json", list(overrides or []))
+        run_dir.write_json(ENVIRONMENT, environment.capture())
+        cfg = validated(cfg)
+        run_dir.write_config(cfg)
+        ctx, steps = prepare(cfg, run_dir)
+        ctx.engine.start()
+        for step in steps:
+            step(ctx)
+            run_dir.write_json(METRICS, ctx.metrics)
+    except RunnerError as exc:
+        log.error("%s", exc)
+        run_dir.set_status("failed", str(exc), error=type(exc).__name__)
+        raise
+    except KeyboardInterrupt:
+        run_dir.set_status("failed", "interrupted (Ctrl-C)", error="KeyboardInterrupt")
+        raise
+    except BaseException as exc:
+        run_dir.set_status("failed", f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
+        raise
+    finally:
+        if ctx is not None:
+            ctx.engine.stop()
+            if ctx.metrics:
+                run_dir.write_json(METRICS, ctx.metrics)
+    run_dir.set_status("ok")
+    log.info("run directory: %s", run_dir.path)
+    return run_dir
