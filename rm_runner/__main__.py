@@ -16,7 +16,7 @@ from rm_runner.config import register_schema
 register_schema()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://rm_runner.conf", config_name="config")
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

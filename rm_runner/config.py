@@ -116,7 +116,7 @@ def validated(cfg: DictConfig) -> DictConfig:
         OmegaConf.to_object(merged.generation)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        detail = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
         if type(exc).__name__ == "MissingMandatoryValue":
             raise ConfigError(f"{key} is required: set it on the command line ({key}=...)") from None
         raise ConfigError(f"{key}: {detail}" if key else detail) from None
@@ -132,9 +132,9 @@ def check_options(schema: type, options: dict[str, Any], section: str) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "") or ""
-        detail = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
         allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())  # type: ignore[attr-defined]
-        if "not in struct" in str(exc) or "Key '" in detail and "not in" in detail:
+        if type(exc).__name__ == "ConfigKeyError":
             raise ConfigError(f"{section}.{key}: unknown option; valid options are: {allowed}") from None
         raise ConfigError(f"{section}.{key}: {detail}") from None
     except ValueError as exc:

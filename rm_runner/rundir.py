@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,9 +27,9 @@ LOG = "rm_runner.log"
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with open(tmp, "x", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -61,9 +61,9 @@ class RunDir:
         atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         return target
 
-    def write_config(self, cfg: DictConfig) -> Path:
+    def write_config(self, cfg: DictConfig, resolve: bool = True) -> Path:
         target = self.path / CONFIG
-        atomic_write_text(target, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(target, OmegaConf.to_yaml(cfg, resolve=resolve))
         return target
 
     def set_status(self, status: str, reason: str | None = None, **extra: Any) -> None:

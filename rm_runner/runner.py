@@ -67,6 +67,7 @@ def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -
     try:
         run_dir.write_json("overrides.json", list(overrides or []))
         run_dir.write_json(ENVIRONMENT, environment.capture())
+        run_dir.write_config(cfg, resolve=False)  # what was asked, even if it fails to validate
         cfg = validated(cfg)
         run_dir.write_config(cfg)
         ctx, steps = prepare(cfg, run_dir)

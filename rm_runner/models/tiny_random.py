@@ -36,6 +36,9 @@ CHAT_TEMPLATE = (
 )
 
 
+BUILD_VERSION = 2  # bump when _build changes what it writes, so caches rebuild
+
+
 class TinyRandom:
     def __init__(self, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
                  num_kv_heads: int = 1, intermediate_size: int = 128, seed: int = 0) -> None:
@@ -59,7 +62,7 @@ class TinyRandom:
 
     def resolve(self) -> Path:
         self.check()
-        key = hashlib.sha256(json.dumps(self.options, sort_keys=True).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps({**self.options, "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
         return cached(cache_root() / "models" / f"tiny-random-llama-{key}", self._build)
 
     def _build(self, out: Path) -> None:
@@ -85,6 +88,7 @@ class TinyRandom:
             num_key_value_heads=o["num_kv_heads"], max_position_embeddings=2048,
             bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
             tie_word_embeddings=True,
+            initializer_range=0.5,  # far from uniform, so different prompts give different tokens
         )
         torch.manual_seed(o["seed"])
         model = LlamaForCausalLM(config).to(torch.float32)

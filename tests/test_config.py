@@ -1,0 +1,74 @@
+"""Composition: every group option composes and validates; composing never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rm_runner.config import validated
+from rm_runner.errors import ConfigError
+from tests.conftest import REPO, cli, compose_run
+
+CONF = REPO / "rm_runner" / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"device={o}" for o in options("device")]
+    + [f"model={o}" for o in options("model") if o != "local"]
+    + [f"workload={o}" for o in options("workload") if o != "jsonl"]
+    + [f"+recipe={o}" for o in options("recipe")],
+)
+def test_every_option_composes_and_validates(override: str) -> None:
+    cfg = validated(compose_run(override))
+    assert "${" not in OmegaConf.to_yaml(cfg)  # fully resolved
+    assert cfg.pipeline.steps and cfg.model.source._target_
+
+
+def test_missing_mandatory_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"model.source.path is required"):
+        validated(compose_run("model=local"))
+
+
+def test_cfg_job_prints_config_without_importing_torch() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rm_runner", "--cfg", "job"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert OmegaConf.create(proc.stdout).model.name == "smollm2-135m"
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "hydra" in imported  # the import log is really there
+    assert not {"torch", "transformers", "tokenizers", "numpy"} & imported
+
+
+def test_unknown_device_lists_valid_options(tmp_path: Path) -> None:
+    proc = cli("device=tpu", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0
+    assert "Could not find 'device/tpu'" in proc.stderr
+    for name in ("auto", "cpu", "gpu", "rbln"):
+        assert f"\t{name}" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generation.max_new_tokens=abc", "could not be converted to Integer"),
+        ("model.dtype=float64", "expected one of [auto, float32, bfloat16, float16]"),
+        ("device.nthreads=2", "Key 'nthreads' is not in struct"),
+    ],
+)
+def test_wrong_type_or_key_rejected_at_composition(tmp_path: Path, override: str, message: str) -> None:
+    proc = cli(override, f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()  # rejected before any run started

@@ -1,0 +1,73 @@
+"""Bad input after composition: one clear line, non-zero exit, a run directory that says why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rm_runner.backends.gpu import GPUBackend
+from tests.conftest import cli
+
+
+def failed(run_dir: Path) -> str:
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
+    return status["reason"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "[ERROR]" in line]
+
+
+def test_missing_model_path_is_one_line_naming_it(tmp_path: Path) -> None:
+    proc = cli("model=local", "model.source.path=/no/such/model", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert "'/no/such/model' does not exist" in line
+    assert "/no/such/model" in failed(tmp_path)
+
+
+@pytest.mark.skipif(bool(GPUBackend.is_available()), reason="a GPU is present")
+def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> None:
+    proc = cli("device=gpu", "model=tiny-random", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    reason = failed(tmp_path)
+    assert "device=gpu is not available" in reason
+    assert "CPU-only build" in reason or "no CUDA device" in reason
+    assert "pip install 'rm-runner[gpu]'" in reason
+    assert not (tmp_path / "generations.jsonl").exists()
+
+
+def test_rbln_without_sdk_names_what_is_missing(tmp_path: Path) -> None:
+    proc = cli("device=rbln", "model=tiny-random", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert "optimum-rbln is not installed" in failed(tmp_path) or "rebel" in failed(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+device.nthreads=2"], "device.nthreads: unknown option; valid options are: num_threads"),
+        (["device.num_threads=0"], "num_threads must be >= 1"),
+        (["generation.do_sample=true", "generation.temperature=0"], "generation.temperature must be > 0"),
+        (["workload=jsonl", "workload.path=/no/such.jsonl"], "workload.path: file '/no/such.jsonl' does not exist"),
+        (["model.max_model_len=8"], "exceed model.max_model_len=8"),
+    ],
+)
+def test_invalid_values_fail_with_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
+    proc = cli("model=tiny-random", *overrides, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert message in failed(tmp_path)
+    assert any(message in line for line in error_lines(proc.stderr))
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    proc = cli("model=tiny-random", "workload=jsonl", f"workload.path={prompts}", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 1
+    assert f"{prompts}:2: not valid JSON" in failed(tmp_path / "run")
