@@ -18,7 +18,7 @@ def installed(tmp_path_factory) -> dict[str, str]:
     """``pip install .`` (a real wheel build) into a target dir that shadows the checkout."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
          "--target", str(target), str(REPO)],
         check=True, capture_output=True, text=True, timeout=300,
     )

