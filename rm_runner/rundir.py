@@ -23,6 +23,7 @@ METRICS = "metrics.json"
 ENVIRONMENT = "environment.json"
 GENERATIONS = "generations.jsonl"
 LOG = "rm_runner.log"
+OVERRIDES = "overrides.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -6,7 +6,10 @@ run replayed from a saved config goes through exactly the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from rm_runner import environment
 from rm_runner.config import validated
 from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
 from rm_runner.pipeline.context import RunContext
-from rm_runner.rundir import ENVIRONMENT, METRICS, RunDir
+from rm_runner.rundir import ENVIRONMENT, METRICS, OVERRIDES, RunDir
 from rm_runner.workload import load_requests
 
 log = logging.getLogger(__name__)
@@ -59,13 +62,38 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
     return ctx, steps
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Let SIGTERM unwind like Ctrl-C, so the status is written and the engine stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -> RunDir:
     """Run ``cfg`` into the directory ``path``; the status file says ok or failed and why."""
     run_dir = RunDir(path)
     run_dir.set_status("running")
+    with _sigterm_as_interrupt():
+        _run(cfg, run_dir, overrides)
+    run_dir.set_status("ok")
+    log.info("run directory: %s", run_dir.path)
+    return run_dir
+
+
+def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> None:
     ctx: RunContext | None = None
     try:
-        run_dir.write_json("overrides.json", list(overrides or []))
+        run_dir.write_json(OVERRIDES, list(overrides or []))
         run_dir.write_json(ENVIRONMENT, environment.capture())
         run_dir.write_config(cfg, resolve=False)  # what was asked, even if it fails to validate
         cfg = validated(cfg)
@@ -79,8 +107,8 @@ def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -
         log.error("%s", exc)
         run_dir.set_status("failed", str(exc), error=type(exc).__name__)
         raise
-    except KeyboardInterrupt:
-        run_dir.set_status("failed", "interrupted (Ctrl-C)", error="KeyboardInterrupt")
+    except KeyboardInterrupt as exc:
+        run_dir.set_status("failed", f"interrupted ({exc or 'Ctrl-C'})", error="KeyboardInterrupt")
         raise
     except BaseException as exc:
         run_dir.set_status("failed", f"{type(exc).__name__}: {exc}", error=type(exc).__name__)
@@ -90,6 +118,3 @@ def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -
             ctx.engine.stop()
             if ctx.metrics:
                 run_dir.write_json(METRICS, ctx.metrics)
-    run_dir.set_status("ok")
-    log.info("run directory: %s", run_dir.path)
-    return run_dir

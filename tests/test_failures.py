@@ -71,3 +71,25 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     proc = cli("model=tiny-random", "workload=jsonl", f"workload.path={prompts}", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 1
     assert f"{prompts}:2: not valid JSON" in failed(tmp_path / "run")
+
+
+def test_sigterm_mid_run_records_the_interruption(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rm_runner", "model=tiny-random", "engine.batch_size=1", "generation.ignore_eos=true",
+         "generation.max_new_tokens=1500", f"hydra.run.dir={tmp_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )
+    log = tmp_path / "rm_runner.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "generating" in log.read_text()):  # wait for generation to start
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before generating"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert "interrupted (signal SIGTERM)" in failed(tmp_path)

@@ -8,7 +8,7 @@ against ``transformers`` does not change from one device to another.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from rm_runner.config import check_options
@@ -72,8 +72,6 @@ class Backend(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the run directory records about this backend."""
-        from dataclasses import asdict
-
         described: dict[str, Any] = {"name": self.name, "options": asdict(self.options)}
         if self.selection:
             described["selection"] = self.selection
