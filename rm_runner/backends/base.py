@@ -63,8 +63,12 @@ class Backend(ABC):
         """Return a handle that ``execute`` runs: from a local model directory or a loaded model."""
 
     @abstractmethod
-    def execute(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
-        """Run ``generate`` on Hugging Face-form inputs (input_ids, attention_mask)."""
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        """Run Hugging Face-form inputs (input_ids, attention_mask) through the model.
+
+        ``method="generate"`` returns what ``generate()`` returns (token ids / GenerateOutput);
+        ``method="forward"`` returns the forward pass's output (logits).
+        """
 
     @abstractmethod
     def cleanup(self) -> None:

@@ -83,12 +83,14 @@ class RBLNBackend(Backend):
         log.info("rbln: %s %s", "loading compiled" if compiled else "compiling", model)
         return RBLNAutoModelForCausalLM.from_pretrained(str(model), export=not compiled, **kwargs)
 
-    def execute(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         seed = kwargs.pop("seed", None)
         if seed is not None:
             import torch
 
             torch.manual_seed(seed)
+        if method == "forward":
+            return model(**inputs, **kwargs)
         return model.generate(**inputs, **kwargs)
 
     def cleanup(self) -> None:

@@ -52,8 +52,11 @@ class TransformersTorchBackend(Backend):
         model.eval()
         return model
 
-    def execute(self, model: Any, inputs: dict[str, Any], **kwargs: Any) -> Any:
-        """``model.generate(**inputs, **kwargs)`` under inference mode; ``seed`` seeds sampling."""
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        """``model.generate(**inputs, **kwargs)`` (or the forward pass, for logits) under inference mode.
+
+        ``seed`` seeds sampling.
+        """
         import torch
 
         seed = kwargs.pop("seed", None)
@@ -62,6 +65,8 @@ class TransformersTorchBackend(Backend):
         device = model.device
         moved = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
         with torch.inference_mode():
+            if method == "forward":
+                return model(**moved, **kwargs)
             return model.generate(**moved, **kwargs)
 
     def cleanup(self) -> None:

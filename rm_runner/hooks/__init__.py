@@ -1,0 +1,1 @@
+"""Unchanged Hugging Face code on any device: the device controller and the transformers hook."""
