@@ -43,7 +43,7 @@ def build(section: str, node: Any, **kwargs: Any) -> Any:
 def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
     """Everything short of loading the model, so bad input fails in seconds."""
     backend = build("device", cfg.device)
-    availability = type(backend).is_available()
+    availability = backend.availability()
     if not availability:
         raise DeviceUnavailableError(
             f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"

