@@ -22,7 +22,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"device={o}" for o in options("device")]
+    [f"device={o}" for o in options("device") if o != "plugin"]
     + [f"model={o}" for o in options("model") if o != "local"]
     + [f"workload={o}" for o in options("workload") if o != "jsonl"]
     + [f"+recipe={o}" for o in options("recipe")],
@@ -33,9 +33,10 @@ def test_every_option_composes_and_validates(override: str) -> None:
     assert cfg.pipeline.steps and cfg.model.source._target_
 
 
-def test_missing_mandatory_value_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"model.source.path is required"):
-        validated(compose_run("model=local"))
+@pytest.mark.parametrize(("override", "key"), [("model=local", "model.source.path"), ("device=plugin", "device.name")])
+def test_missing_mandatory_value_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key} is required: set it on the command line \({key}=...\)"):
+        validated(compose_run(override))
 
 
 def test_cfg_job_prints_config_without_importing_torch() -> None:

@@ -31,12 +31,12 @@ def backend_classes() -> dict[str, type[Backend]]:
     return dict(sorted(found.items(), key=lambda item: -item[1].priority))
 
 
-def get(name: str, **options: Any) -> Backend:
-    """Build the backend registered as ``name``."""
+def get(name: str, options: dict[str, Any] | None = None) -> Backend:
+    """Build the backend registered as ``name`` (``device=plugin device.name=NAME``)."""
     classes = backend_classes()
     if name not in classes:
-        raise ConfigError(f"device={name} is not a registered backend; registered: {', '.join(classes)}")
-    return classes[name](**options)
+        raise ConfigError(f"device.name={name} is not a registered backend; registered: {', '.join(classes)}")
+    return classes[name](**(options or {}))
 
 
 def auto(**options: Any) -> Backend:

@@ -23,7 +23,7 @@ def build_backend(device: str | Backend, **options: Any) -> Backend:
     elif device == "auto":
         backend = registry.auto(**options)
     else:
-        backend = registry.get(device, **options)
+        backend = registry.get(device, options)
     availability = backend.availability()
     if not availability:
         raise DeviceUnavailableError(
