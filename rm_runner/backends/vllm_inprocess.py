@@ -32,9 +32,9 @@ def load(model: Any, model_config: Any, dtype: str, **engine_args: Any) -> VLLMM
     if not path or not Path(path).exists():
         raise RunnerError("vLLM loads models from a directory; save the model with save_pretrained() first")
     args = {k: v for k, v in engine_args.items() if v is not None}
+    args.setdefault("max_model_len", model_config.max_model_len)
     log.info("vllm: loading %s (dtype=%s, %s)", path, dtype, args)
-    llm = LLM(model=str(path), dtype=dtype, max_model_len=model_config.max_model_len,
-              trust_remote_code=model_config.trust_remote_code, seed=0, **args)
+    llm = LLM(model=str(path), dtype=dtype, trust_remote_code=model_config.trust_remote_code, seed=0, **args)
     tokenizer = llm.get_tokenizer()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return VLLMModel(llm=llm, pad_token_id=pad)

@@ -20,6 +20,7 @@ class LoadModel:
         ctx.engine.load_model(path, ctx.model)
         loaded = time.perf_counter()
         ctx.results["model_path"] = str(path)
+        ctx.metrics["engine"] = ctx.engine.describe()  # now with what loading did (e.g. compile cache hit)
         ctx.metrics.update(
             model_path=str(path),
             model_resolve_s=round(resolved - began, 3),
