@@ -42,12 +42,6 @@ def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> 
     assert not (tmp_path / "generations.jsonl").exists()
 
 
-def test_rbln_without_sdk_names_what_is_missing(tmp_path: Path) -> None:
-    proc = cli("device=rbln", "model=tiny-random", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 1
-    assert "optimum-rbln is not installed" in failed(tmp_path) or "rebel" in failed(tmp_path)
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
