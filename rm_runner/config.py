@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -101,6 +100,8 @@ class RunConfig:
 
 
 def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="rm_runner_schema", node=RunConfig)
 
 

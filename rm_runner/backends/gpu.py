@@ -28,6 +28,9 @@ class GPUOptions(BackendOptions):
     # CUDA device ordinal, as in torch's `cuda:N` (after CUDA_VISIBLE_DEVICES).
     device_id: int = 0
     mode: GPUMode = GPUMode.auto
+    # pytorch mode: a static KV cache, which makes transformers compile the decode step with
+    # CUDA graphs (one compile per shape, then several times faster at small batch).
+    static_cache: bool = True
     # vllm mode, as vLLM's own arguments
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -74,6 +77,9 @@ class GPUBackend(TransformersTorchBackend):
             "gpu_memory_utilization": self.options.gpu_memory_utilization,
             "enforce_eager": self.options.enforce_eager,
         }
+
+    def generate_defaults(self) -> dict[str, Any]:
+        return {"cache_implementation": "static"} if self.options.static_cache else {}
 
     def torch_device(self) -> str:
         return f"cuda:{self.options.device_id}"

@@ -33,6 +33,10 @@ class TransformersTorchBackend(Backend):
     def vllm_engine_args(self) -> dict[str, Any]:
         return {}
 
+    def generate_defaults(self) -> dict[str, Any]:
+        """``generate()`` keywords this device adds unless the caller sets them."""
+        return {}
+
     def dtype_name(self, dtype: Any) -> str:
         name = getattr(dtype, "value", dtype)
         if name == "auto":
@@ -82,7 +86,7 @@ class TransformersTorchBackend(Backend):
         with torch.inference_mode():
             if method == "forward":
                 return model(**moved, **kwargs)
-            return model.generate(**moved, **kwargs)
+            return model.generate(**moved, **{**self.generate_defaults(), **kwargs})
 
     def cleanup(self) -> None:
         import gc

@@ -1,0 +1,55 @@
+"""The GPU backend's PyTorch CUDA path; skipped cleanly where no CUDA device is visible."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rm_runner.backends.gpu import GPUBackend
+from tests.conftest import cli
+
+pytestmark = pytest.mark.skipif(not GPUBackend.is_available(),
+                                reason=f"needs a CUDA GPU: {GPUBackend.is_available().describe()}")
+
+
+def ids(run_dir: Path) -> list[list[int]]:
+    return [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("static_cache", ["true", "false"])
+def test_gpu_float32_greedy_matches_cpu(tmp_path: Path, static_cache: str) -> None:
+    common = ("model=tiny-random", "model.dtype=float32", "generation.max_new_tokens=12")
+    cpu = cli(*common, f"hydra.run.dir={tmp_path}/cpu")
+    gpu = cli(*common, "device=gpu", "device.mode=pytorch", f"device.static_cache={static_cache}",
+              f"hydra.run.dir={tmp_path}/gpu")
+    assert cpu.returncode == 0 and gpu.returncode == 0, gpu.stderr[-3000:]
+    assert ids(tmp_path / "gpu") == ids(tmp_path / "cpu")
+
+
+def test_gpu_bfloat16_runs_the_packaged_model(tmp_path: Path) -> None:
+    proc = cli("device=gpu", "device.mode=pytorch", "model.dtype=bfloat16", "generation.max_new_tokens=16",
+               f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Paris" in proc.stdout
+
+
+def test_hook_switches_a_model_between_cpu_and_gpu() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rm_runner
+    from rm_runner.models.tiny_random import TinyRandom
+
+    path = str(TinyRandom().resolve())
+    inputs = AutoTokenizer.from_pretrained(path)(["the capital of France is"], return_tensors="pt")
+    try:
+        rm_runner.activate("cpu")
+        model = AutoModelForCausalLM.from_pretrained(path)
+        on_cpu = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        rm_runner.switch_device("gpu", mode="pytorch", static_cache=False)
+        on_gpu = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+    finally:
+        rm_runner.deactivate()
