@@ -3,14 +3,13 @@
 On the CPU a decode step is mostly small-M matrix multiplies. Re-laying every ``nn.Linear``
 weight out once in oneDNN's blocked format (the approach vLLM-CPU takes) and calling oneDNN's
 linear on it gives the same numbers (identical greedy token ids) in about half the time on
-PyTorch's x86 builds. Packing is undone exactly by ``unpack_linears``.
+PyTorch's x86 builds. For models rm_runner loaded itself, gated MLPs also get gate and up
+fused into one matmul; a caller's model is only packed, and ``unpack_linears`` undoes it exactly.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -46,18 +45,52 @@ class PackedLinear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+class PackedGatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` (Llama, Mistral, Qwen2 MLPs) with gate and up in one packed matmul."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.intermediate = mlp.gate_proj.out_features
+        self.hidden = mlp.down_proj.out_features
+        self.act_fn = mlp.act_fn
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.gate_up = torch.ops.mkldnn._reorder_linear_weight(gate_up)
+        self.down = torch.ops.mkldnn._reorder_linear_weight(mlp.down_proj.weight.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        gate, up = torch.ops.mkldnn._linear_pointwise(flat, self.gate_up, None, "none", [], "").split(
+            self.intermediate, dim=-1)
+        out = torch.ops.mkldnn._linear_pointwise(self.act_fn(gate) * up, self.down, None, "none", [], "")
+        return out.reshape(*x.shape[:-1], self.hidden)
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    return (all(type(p) is nn.Linear and p.bias is None for p in parts) and hasattr(module, "act_fn")
+            and parts[0].out_features == parts[1].out_features)
+
+
 def pack_linears(model: nn.Module, keep_original: bool) -> int:
     """Replace every ``nn.Linear`` of a CPU model in place; returns how many were packed."""
     dtype = next(model.parameters()).dtype
     if not supported(dtype):
         log.info("oneDNN packed linear not used: unsupported for %s on this CPU", dtype)
         return 0
+    return _pack(model, keep_original)
+
+
+def _pack(module: nn.Module, keep_original: bool) -> int:
     count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child, keep_original))
-                count += 1
+    for name, child in list(module.named_children()):
+        if not keep_original and _is_gated_mlp(child):  # fused: changes the module tree for good
+            setattr(module, name, PackedGatedMLP(child))
+            count += 3
+        elif type(child) is nn.Linear:
+            setattr(module, name, PackedLinear(child, keep_original))
+            count += 1
+        else:
+            count += _pack(child, keep_original)
     return count
 
 
@@ -72,5 +105,3 @@ def unpack_linears(model: nn.Module) -> int:
     return count
 
 
-def is_packed(model: Any) -> bool:
-    return isinstance(model, nn.Module) and any(isinstance(m, PackedLinear) for m in model.modules())
