@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.backends.base import Availability, Backend, BackendOptions
+from rm_runner.backends.hf_form import generate_output, prompt_token_lists
 from rm_runner.errors import DeviceUnavailableError, RunnerError
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,13 @@ class RemoteBackend(Backend):
         return list(ids)
 
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
-        import torch
-
         if method == "forward":
             raise RunnerError("device=remote returns tokens, not logits")
-        input_ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask", torch.ones_like(input_ids))
-        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]
+        prompts = prompt_token_lists(inputs)
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
             new = list(pool.map(lambda p: self._complete(model, p, kwargs), prompts))
-        width = max((len(n) for n in new), default=0)
         pad = kwargs.get("pad_token_id")
-        pad = pad if pad is not None else (model.tokenizer.pad_token_id or 0)
-        tail = torch.full((len(new), width), pad, dtype=input_ids.dtype)
-        for i, tokens in enumerate(new):
-            tail[i, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-        return torch.cat([input_ids, tail], dim=1)
+        return generate_output(inputs["input_ids"], new, pad if pad is not None else model.tokenizer.pad_token_id or 0)
 
     def cleanup(self) -> None:
         """Nothing to release: the server is not ours."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rm_runner.backends.hf_form import generate_output, prompt_token_lists
 from rm_runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
@@ -67,20 +68,11 @@ def sampling_params(hf_kwargs: dict[str, Any]) -> Any:
 
 
 def generate(model: VLLMModel, inputs: dict[str, Any], hf_kwargs: dict[str, Any]) -> Any:
-    """Left-padded input_ids in, ``generate()``-shaped sequences out (prompt + new tokens, right-padded)."""
-    import torch
+    """Left-padded input_ids in, ``generate()``-shaped sequences out."""
     from vllm.inputs import TokensPrompt
 
-    input_ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(input_ids)
-    prompts = [TokensPrompt(prompt_token_ids=row[m.bool()].tolist()) for row, m in zip(input_ids, mask)]
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_lists(inputs)]
     outputs = model.llm.generate(prompts, sampling_params(hf_kwargs), use_tqdm=False)
     new = [list(o.outputs[0].token_ids) for o in outputs]
-    width = max((len(n) for n in new), default=0)
-    pad = hf_kwargs.get("pad_token_id", model.pad_token_id)
-    tail = torch.full((len(new), width), pad, dtype=input_ids.dtype)
-    for i, tokens in enumerate(new):
-        tail[i, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-    return torch.cat([input_ids.cpu(), tail], dim=1)
+    pad = hf_kwargs.get("pad_token_id")
+    return generate_output(inputs["input_ids"], new, model.pad_token_id if pad is None else pad)
