@@ -5,7 +5,10 @@ H100/H200-class GPU:
 
     python benchmarks/gpu_check.py [--skip-tests] [--new-tokens 128]
 
-Needs torch (CUDA), transformers, omegaconf and pytest; the repository on PYTHONPATH or installed.
+Needs torch (CUDA) and transformers, plus rm_runner's light dependencies (hydra-core, omegaconf,
+filelock, psutil, tqdm) and pytest. On a machine without network, bring their wheels
+(``pip download -d gpu-wheels hydra-core omegaconf pytest psutil filelock tqdm``) and pass
+``--wheels gpu-wheels``: they are installed from there with --no-index first.
 Decode rate = batch x (N - 1) / (t(N new tokens) - t(1 new token)): prefill is subtracted out.
 The floor is the fastest a decode step can be when every weight byte is read once from HBM
 per step: weight bytes / bandwidth, with the bandwidth measured here by a large device copy
@@ -79,7 +82,19 @@ def main() -> int:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--wheels", type=Path, help="a folder of wheels to install (offline) before starting")
     args = parser.parse_args()
+    if args.wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+                        str(args.wheels), *sorted({p.name.split("-")[0] for p in args.wheels.glob("*.whl")})],
+                       check=True)
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "omegaconf", "hydra", "filelock", "psutil", "tqdm", "pytest")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gpu_check: missing modules {', '.join(missing)}; install them or pass --wheels DIR", file=sys.stderr)
+        return 2
 
     import torch
 

@@ -28,11 +28,12 @@ def test_gpu_float32_greedy_matches_cpu(tmp_path: Path, static_cache: str) -> No
     assert ids(tmp_path / "gpu") == ids(tmp_path / "cpu")
 
 
-def test_gpu_bfloat16_runs_the_packaged_model(tmp_path: Path) -> None:
-    proc = cli("device=gpu", "device.mode=pytorch", "model.dtype=bfloat16", "generation.max_new_tokens=16",
-               f"hydra.run.dir={tmp_path}")
+def test_gpu_bfloat16_with_compiled_static_cache_runs_batched(tmp_path: Path) -> None:
+    proc = cli("device=gpu", "device.mode=pytorch", "model=tiny-random", "model.dtype=bfloat16",
+               "generation.max_new_tokens=16", "generation.ignore_eos=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Paris" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["output_tokens"] for r in records] == [16] * 4
 
 
 def test_hook_switches_a_model_between_cpu_and_gpu() -> None:
