@@ -93,7 +93,18 @@ class CPUBackend(TransformersTorchBackend):
         if callers and packed:
             self._packed_models.append(prepared)
         log.info("cpu backend: %d linear layers on pre-packed oneDNN weights", packed)
+        self._warm_up(prepared)
         return prepared
+
+    @staticmethod
+    def _warm_up(model: Any) -> None:
+        """One tiny generate() so oneDNN builds its kernels at load, not inside the first request."""
+        import torch
+
+        ids = torch.full((2, 4), model.config.bos_token_id or 0, dtype=torch.long)
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                           pad_token_id=model.generation_config.pad_token_id or 0)
 
     def cleanup(self) -> None:
         from rm_runner.backends import cpu_linear

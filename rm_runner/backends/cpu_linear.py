@@ -3,8 +3,9 @@
 On the CPU a decode step is mostly small-M matrix multiplies. Re-laying every ``nn.Linear``
 weight out once in oneDNN's blocked format (the approach vLLM-CPU takes) and calling oneDNN's
 linear on it gives the same numbers (identical greedy token ids) in about half the time on
-PyTorch's x86 builds. For models rm_runner loaded itself, gated MLPs also get gate and up
-fused into one matmul; a caller's model is only packed, and ``unpack_linears`` undoes it exactly.
+PyTorch's x86 builds. For models rm_runner loaded itself, attention's q/k/v and a gated MLP's
+gate/up are also fused into one matmul each; a caller's model is only packed, and
+``unpack_linears`` undoes that exactly.
 """
 
 from __future__ import annotations
@@ -65,6 +66,47 @@ class PackedGatedMLP(nn.Module):
         return out.reshape(*x.shape[:-1], self.hidden)
 
 
+class _FusedProjections:
+    """Several projections of the same input (q, k, v) as one packed matmul, computed once per input."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.sizes = [lin.out_features for lin in linears]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([lin.weight for lin in linears]).detach())
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.cat(biases).detach()
+        self._input: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self._input is not x or index not in self._pending:  # a new input (or asked twice): compute
+            flat = x.reshape(-1, x.shape[-1])
+            fused = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            self._input, self._outputs, self._pending = x, fused.split(self.sizes, dim=-1), set(range(len(self.sizes)))
+        out = self._outputs[index].reshape(*x.shape[:-1], self.sizes[index])
+        self._pending.discard(index)
+        if not self._pending:  # every projection taken: let go of the input and outputs
+            self._input, self._outputs = None, ()
+        return out
+
+
+class FusedProjection(nn.Module):
+    """Stands where ``q_proj``/``k_proj``/``v_proj`` stood; returns its slice of the fused matmul."""
+
+    def __init__(self, fused: _FusedProjections, index: int) -> None:
+        super().__init__()
+        self.fused, self.index = fused, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.output(x, self.index)
+
+
+def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
+    parts = [getattr(module, name, None) for name in names]
+    return (all(type(p) is nn.Linear for p in parts)
+            and len({p.in_features for p in parts}) == 1 and len({p.bias is None for p in parts}) == 1)
+
+
 def _is_gated_mlp(module: nn.Module) -> bool:
     parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     return (all(type(p) is nn.Linear and p.bias is None for p in parts) and hasattr(module, "act_fn")
@@ -80,8 +122,16 @@ def pack_linears(model: nn.Module, keep_original: bool) -> int:
     return _pack(model, keep_original)
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 def _pack(module: nn.Module, keep_original: bool) -> int:
     count = 0
+    if not keep_original and _fusable(module, QKV):  # attention: q, k, v from one matmul
+        fused = _FusedProjections([getattr(module, name) for name in QKV])
+        for index, name in enumerate(QKV):
+            setattr(module, name, FusedProjection(fused, index))
+        count += len(QKV)
     for name, child in list(module.named_children()):
         if not keep_original and _is_gated_mlp(child):  # fused: changes the module tree for good
             setattr(module, name, PackedGatedMLP(child))
