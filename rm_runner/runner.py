@@ -49,6 +49,7 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
             f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"
         )
     engine = build("engine", cfg.engine, backend=backend)
+    engine.log_dir = run_dir.path
     steps = [build(f"pipeline.steps[{i}]", step) for i, step in enumerate(cfg.pipeline.steps)]
     model = OmegaConf.to_object(cfg.model)
     source = build("model.source", cfg.model.source)

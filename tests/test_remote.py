@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import cli
 
-needs_openai = pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="pip install 'rm-runner[remote]'")
+needs_openai = pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="pip install openai")
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ against ``transformers`` does not change from one device to another.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from rm_runner.config import check_options
@@ -29,6 +29,15 @@ class Availability:
         if self.ok:
             return "available"
         return f"{self.reason}. Fix: {self.fix}" if self.fix else self.reason
+
+
+@dataclass
+class VLLMServerSettings:
+    """What a device adds to a vLLM server it does not run itself: model folder, flags, environment."""
+
+    model: Any
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +86,12 @@ class Backend(ABC):
     @abstractmethod
     def cleanup(self) -> None:
         """Release the device; safe to call twice."""
+
+    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
+        """How a vLLM server runs this device (``engine=vllm``); devices vLLM cannot drive say so."""
+        from rm_runner.errors import ConfigError
+
+        raise ConfigError(f"engine=vllm does not support device={self.name}")
 
     def describe(self) -> dict[str, Any]:
         """What the run directory records about this backend."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-from rm_runner.backends.base import Availability, BackendOptions
+from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
 from rm_runner.models.cache import cache_root
 
@@ -78,6 +78,20 @@ class CPUBackend(TransformersTorchBackend):
     def vllm_engine_args(self) -> dict[str, Any]:
         return {"enforce_eager": self.options.enforce_eager}
 
+    def _vllm_env(self) -> dict[str, str]:
+        return {
+            "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_space_gib),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": str(self.options.reserved_cpus),
+            "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(cache_root() / "vllm")),
+            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor")),
+        }
+
+    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
+        args = ["--dtype", self.dtype_name(model_config.dtype)]
+        if self.options.enforce_eager:
+            args.append("--enforce-eager")
+        return VLLMServerSettings(model=model_path, args=args, env=self._vllm_env())
+
     def torch_device(self) -> str:
         return "cpu"
 
@@ -120,8 +134,6 @@ class CPUBackend(TransformersTorchBackend):
         if self.options.num_threads:
             torch.set_num_threads(self.options.num_threads)
         if self.uses_vllm():  # read by vLLM when its engine starts
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.kv_cache_space_gib)
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(self.options.reserved_cpus)
-            os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+            for key, value in self._vllm_env().items():
+                os.environ[key] = value
         log.info("cpu backend: %s, %d threads", self.options.mode.value, torch.get_num_threads())

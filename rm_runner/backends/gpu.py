@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from rm_runner.backends.base import Availability, BackendOptions
+from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,14 @@ class GPUBackend(TransformersTorchBackend):
             "gpu_memory_utilization": self.options.gpu_memory_utilization,
             "enforce_eager": self.options.enforce_eager,
         }
+
+    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
+        args = ["--dtype", self.dtype_name(model_config.dtype),
+                "--tensor-parallel-size", str(self.options.tensor_parallel_size),
+                "--gpu-memory-utilization", str(self.options.gpu_memory_utilization)]
+        if self.options.enforce_eager:
+            args.append("--enforce-eager")
+        return VLLMServerSettings(model=model_path, args=args)
 
     def generate_defaults(self) -> dict[str, Any]:
         return {"cache_implementation": "static"} if self.options.static_cache else {}

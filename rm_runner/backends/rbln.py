@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.backends import vllm_inprocess
-from rm_runner.backends.base import Availability, Backend, BackendOptions
+from rm_runner.backends.base import Availability, Backend, BackendOptions, VLLMServerSettings
 from rm_runner.backends.rbln_compile_cache import compiled_model_dir, is_compiled
 from rm_runner.backends.vllm_inprocess import VLLMModel
 from rm_runner.errors import RunnerError
@@ -120,14 +120,18 @@ class RBLNBackend(Backend):
             return Availability(False, "device.mode=vllm needs vllm-rbln, which is not installed", INSTALL_VLLM_RBLN)
         return self._npu_present()
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.report: dict[str, Any] = {}  # what preparing the model did: mode, compile cache hit/miss
+
     def initialize(self) -> None:
         if self.options.device is not None and self.resolved_mode() == RBLNMode.vllm:
             os.environ["RBLN_DEVICES"] = ",".join(str(d) for d in self.options.device)
-        self.report: dict[str, Any] = {"mode": self.resolved_mode().value}
+        self.report["mode"] = self.resolved_mode().value
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        described.update(getattr(self, "report", {}))
+        described.update(self.report)
         return described
 
     @staticmethod
@@ -153,6 +157,17 @@ class RBLNBackend(Backend):
         )
         self.report.update(report)
         return folder
+
+    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
+        """vllm-rbln serves the compiled folder (compiled here first, or taken from the cache)."""
+        folder = self.compiled_dir(model_path, model_config)
+        options = self.options
+        args = ["--max-num-seqs", str(options.batch_size),
+                "--max-model-len", str(options.max_seq_len or model_config.max_model_len)]
+        if options.kvcache_block_size:
+            args += ["--block-size", str(options.kvcache_block_size)]
+        env = {"RBLN_DEVICES": ",".join(map(str, options.device))} if options.device is not None else {}
+        return VLLMServerSettings(model=folder, args=args, env=env)
 
     def prepare_model(self, model: Any, model_config: Any) -> Any:
         folder = self.compiled_dir(model, model_config)

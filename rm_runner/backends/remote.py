@@ -49,7 +49,7 @@ class RemoteBackend(Backend):
     @classmethod
     def is_available(cls) -> Availability:
         if importlib.util.find_spec("openai") is None:
-            return Availability(False, "the openai client is not installed", "pip install 'rm-runner[remote]'")
+            return Availability(False, "the openai client is not installed", "pip install openai")
         return Availability(True)
 
     def availability(self) -> Availability:

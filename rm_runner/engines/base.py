@@ -12,6 +12,8 @@ from rm_runner.requests import Completion, Request
 
 class Engine(ABC):
     name: ClassVar[str]
+    # Where a server's own logs go: the run directory (set by the runner before start()).
+    log_dir: Path | None = None
 
     @abstractmethod
     def start(self) -> None:

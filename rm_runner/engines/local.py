@@ -19,12 +19,19 @@ log = logging.getLogger(__name__)
 
 
 class LocalEngine(Engine):
+    """Renders and batches requests itself and hands each batch to an executor backend.
+
+    Here the executor is the device's backend, in this process; a served engine keeps all of
+    this and swaps in a client of its server as the executor.
+    """
+
     name = "local"
 
     def __init__(self, backend: Backend, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ConfigError(f"engine.batch_size must be >= 1, got {batch_size}")
         self.backend = backend
+        self.executor: Backend = backend
         self.batch_size = batch_size
         self.model: Any = None
         self.tokenizer: Any = None
@@ -45,7 +52,7 @@ class LocalEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=config.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = self.backend.prepare_model(path, config)
+        self.model = self.executor.prepare_model(path, config)
         try:
             eos = HFGenerationConfig.from_pretrained(str(path)).eos_token_id
         except OSError:  # no generation_config.json: the tokenizer knows
@@ -94,7 +101,7 @@ class LocalEngine(Engine):
 
     def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
         if not self.health():
-            raise RunnerError("engine=local: infer() before start() and load_model()")
+            raise RunnerError(f"engine={self.name}: infer() before start() and load_model()")
         encoded = [self.render(r) for r in requests]
         for request, ids in zip(requests, encoded):
             if len(ids) + generation.max_new_tokens > self.max_model_len:
@@ -117,7 +124,7 @@ class LocalEngine(Engine):
     ) -> list[Completion]:
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
         began = time.perf_counter()
-        output = self.backend.execute(self.model, dict(inputs), **kwargs)
+        output = self.executor.execute(self.model, dict(inputs), **kwargs)
         latency = time.perf_counter() - began
         sequences = getattr(output, "sequences", output)
         width = inputs["input_ids"].shape[1]

