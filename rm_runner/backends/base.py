@@ -93,6 +93,13 @@ class Backend(ABC):
 
         raise ConfigError(f"engine=vllm does not support device={self.name}")
 
+    def target_config(self) -> dict[str, Any]:
+        """A `_target_` config that rebuilds this backend in another process (a server's)."""
+        from omegaconf import OmegaConf
+
+        options = OmegaConf.to_container(OmegaConf.structured(self.options), enum_to_str=True)
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **options}
+
     def describe(self) -> dict[str, Any]:
         """What the run directory records about this backend."""
         described: dict[str, Any] = {"name": self.name, "options": asdict(self.options)}

@@ -63,9 +63,10 @@ def http_ok(url: str) -> Callable[[], bool]:
     return probe
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _child_setup() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background parent may ignore it; servers stop on it
     if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with rm_runner
 
 
 class ServerProcess:
@@ -87,7 +88,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
+                cwd=self.cwd, start_new_session=True, preexec_fn=_child_setup,
             )
 
     def tail(self, lines: int = 25) -> str:
@@ -130,13 +131,13 @@ class ServerProcess:
             time.sleep(poll_s)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Signal the whole process group, wait, then kill what is left. Safe to call twice."""
+        """Ask the server to stop (it shuts its workers down), wait, then kill its whole group. Safe twice."""
         if self.proc is None or self.proc.poll() is not None:
             self._reap_group()
             return
         log.info("stopping %s (pid %d)", self.name, self.proc.pid)
         try:
-            os.killpg(self.proc.pid, self.stop_signal)
+            self.proc.send_signal(self.stop_signal)
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)

@@ -1,0 +1,154 @@
+"""Triton Inference Server as an engine, through PyTriton (no Docker): the device's backend runs
+inside the server process as a Triton model with dynamic batching; requests go over Triton's
+HTTP protocol with the official ``tritonclient``.
+
+PyTriton pins numpy<2, so the server (and this engine's client) live in their own venv:
+``engine.python`` names it. Every address binds ``engine.host`` (127.0.0.1); the server is
+stopped with SIGINT, which is what tritonserver expects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rm_runner.backends.base import Backend
+from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.engines.local import LocalEngine
+from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
+from rm_runner.requests import Completion, Request
+from rm_runner.rundir import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class TritonClient:
+    """The executor: one Triton request per padded batch, ``generate()``-shaped sequences back."""
+
+    def __init__(self, url: str, model_name: str, timeout_s: float) -> None:
+        import tritonclient.http as httpclient
+
+        self.client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s, connection_timeout=timeout_s)
+        self.model_name = model_name
+
+    def prepare_model(self, path: Any, config: Any) -> str:
+        return self.model_name
+
+    def close(self) -> None:
+        """Close the keep-alive connection; tritonserver waits for open connections before it exits."""
+        self.client.close()
+
+    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        import numpy as np
+        import torch
+        import tritonclient.http as httpclient
+
+        if method == "forward":
+            raise EngineError("engine=triton returns tokens, not logits")
+        ids = inputs["input_ids"].cpu().numpy().astype(np.int64)
+        mask = inputs.get("attention_mask")
+        mask = np.ones_like(ids) if mask is None else mask.cpu().numpy().astype(np.int64)
+        rows = len(ids)
+        params = {
+            "max_new_tokens": (np.int64, kwargs.get("max_new_tokens", 16)),
+            "do_sample": (np.bool_, bool(kwargs.get("do_sample"))),
+            "temperature": (np.float32, kwargs.get("temperature") or 0.0),
+            "top_p": (np.float32, kwargs.get("top_p") or 1.0),
+            "top_k": (np.int64, kwargs.get("top_k") or 0),
+            "seed": (np.int64, kwargs.get("seed") or 0),
+            "ignore_eos": (np.bool_, "eos_token_id" in kwargs and kwargs["eos_token_id"] is None),
+        }
+        tensors = []
+        for name, array in [("input_ids", ids), ("attention_mask", mask),
+                            *((n, np.full((rows, 1), v, dtype=t)) for n, (t, v) in params.items())]:
+            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL"}[array.dtype]
+            tensor = httpclient.InferInput(name, list(array.shape), datatype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = self.client.infer(self.model_name, tensors, outputs=[httpclient.InferRequestedOutput("sequences")])
+        return torch.from_numpy(result.as_numpy("sequences"))
+
+
+class TritonEngine(LocalEngine):
+    name = "triton"
+
+    def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
+                 model_name: str = "rm_runner", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
+                 startup_timeout_s: float = 300.0) -> None:
+        super().__init__(backend, batch_size=batch_size)
+        if max_batch_size < batch_size:
+            from rm_runner.errors import ConfigError
+
+            raise ConfigError(f"engine.max_batch_size={max_batch_size} must be >= engine.batch_size={batch_size}")
+        self.host = host
+        self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
+        self.python = str(Path(python).expanduser()) if python else sys.executable
+        self.model_name, self.max_batch_size, self.max_queue_delay_us = model_name, max_batch_size, max_queue_delay_us
+        self.startup_timeout_s = startup_timeout_s
+        self.server: ServerProcess | None = None
+        self.ready_s: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described.update(host=self.host, **self.ports, python=self.python, max_batch_size=self.max_batch_size,
+                         pid=self.server.pid if self.server else None, ready_s=self.ready_s)
+        return described
+
+    def start(self) -> None:
+        for key, port in self.ports.items():
+            self.ports[key] = claim_port(self.host, port, key=f"engine.{key}")
+        probe = "import importlib.util as u, sys; sys.exit(u.find_spec('pytriton') is None or u.find_spec('tritonclient') is None)"
+        if subprocess.run([self.python, "-c", probe], capture_output=True).returncode != 0:
+            raise EngineError(
+                f"engine.python={self.python} lacks nvidia-pytriton or tritonclient; make the Triton venv "
+                "(README: engines) and point engine.python at it"
+            )
+        if self.python != sys.executable:
+            raise EngineError("engine=triton's client runs in the same venv as its server: "
+                              f"run rm_runner with {self.python} -m rm_runner")
+        self._started = True
+
+    def load_model(self, path: Path, config: ModelConfig) -> None:
+        log_dir = self.log_dir or Path.cwd()
+        spec = {
+            "device": self.backend.target_config(), "model_path": str(path),
+            "model_config": {**{k: getattr(v, "value", v) for k, v in asdict(config).items()}, "source": None},
+            "model_name": self.model_name, "host": self.host, **self.ports,
+            "max_batch_size": self.max_batch_size, "max_queue_delay_us": self.max_queue_delay_us,
+        }
+        spec_path = log_dir / "triton-spec.json"
+        atomic_write_text(spec_path, json.dumps(spec, indent=2) + "\n")
+        self.server = ServerProcess("triton", [self.python, "-m", "rm_runner.engines.triton_server", str(spec_path)],
+                                    log_dir / "triton-server.log", stop_signal=signal.SIGINT)
+        self.server.start()
+        url = f"{self.host}:{self.ports['http_port']}"
+        ready = http_ok(f"http://{url}/v2/models/{self.model_name}/ready")
+        self.ready_s = round(self.server.wait_ready(ready, self.startup_timeout_s), 3)
+        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s)  # type: ignore[assignment]
+        super().load_model(path, config)
+
+    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
+        try:
+            return super().infer(requests, generation)
+        except Exception:
+            if self.server is not None:
+                self.server.check_alive(grace_s=5)
+            raise
+
+    def health(self) -> bool:
+        return super().health() and self.server is not None and self.server.proc.poll() is None
+
+    def stop(self) -> None:
+        if isinstance(self.executor, TritonClient):
+            self.executor.close()
+        if self.server is not None:
+            self.server.stop()
+        self.model = None
+        self._started = False
