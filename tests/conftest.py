@@ -49,3 +49,40 @@ def tiny(tmp_path: Path):
         return run(cfg, tmp_path / f"run{next(counter)}", list(overrides))
 
     return _run
+
+
+def run_watching_sockets(tmp_path: Path, name: str, *overrides: str) -> tuple[set, list]:
+    """Run ``python -m rm_runner OVERRIDES`` into tmp_path/name; while it generates, note the
+    addresses its server processes listen on. Returns (loopback-normalised addresses, processes)."""
+    import ipaddress
+    import time
+
+    import psutil
+
+    run = subprocess.Popen([sys.executable, "-m", "rm_runner", *overrides, f"hydra.run.dir={tmp_path / name}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / name / "rm_runner.log"
+    listening: set[str] = set()
+    family: list[psutil.Process] = []
+    deadline = time.monotonic() + 300
+    while run.poll() is None and time.monotonic() < deadline:
+        if log.exists() and "generating" in log.read_text():  # the server is up and serving
+            family = psutil.Process(run.pid).children(recursive=True)
+            for proc in family:
+                try:
+                    listening |= {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == "LISTEN"}
+                except psutil.NoSuchProcess:
+                    pass
+            break
+        time.sleep(0.1)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    addresses = {ipaddress.ip_address(ip) for ip in listening}
+    return {getattr(a, "ipv4_mapped", None) or a for a in addresses}, family  # Java/gRPC listen as ::ffff:127.0.0.1
+
+
+def token_ids(run_dir: Path) -> list[list[int]]:
+    """Every request's generated token ids, from a run directory's generations.jsonl."""
+    import json
+
+    return [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]

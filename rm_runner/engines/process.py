@@ -71,10 +71,12 @@ def _child_setup() -> None:  # runs in the child between fork and exec
 
 class ServerProcess:
     def __init__(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 stop_signal: int = signal.SIGTERM, cwd: Path | None = None) -> None:
+                 stop_signal: int = signal.SIGTERM, cwd: Path | None = None, signal_group: bool = False) -> None:
         self.name, self.cmd, self.log_path = name, cmd, log_path
         self.env = {**os.environ, **(env or {})}
         self.stop_signal = stop_signal
+        # True for launchers that do not pass the stop signal on to the server they started.
+        self.signal_group = signal_group
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -137,7 +139,10 @@ class ServerProcess:
             return
         log.info("stopping %s (pid %d)", self.name, self.proc.pid)
         try:
-            self.proc.send_signal(self.stop_signal)
+            if self.signal_group:
+                os.killpg(self.proc.pid, self.stop_signal)
+            else:
+                self.proc.send_signal(self.stop_signal)
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
