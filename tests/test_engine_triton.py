@@ -32,3 +32,29 @@ def test_triton_answers_like_the_local_engine_and_binds_loopback_only(tmp_path: 
     assert "Started HTTPService" in (tmp_path / "triton" / "triton-server.log").read_text()
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_sigterm_to_the_run_stops_the_server_and_records_it(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import SHARED_W16
+
+    run = subprocess.Popen([sys.executable, "-m", "rm_runner", "engine=triton", "model=tiny-random", "workload=jsonl",
+                            f"workload.path={SHARED_W16}", "engine.batch_size=1", "generation.max_new_tokens=1500",
+                            "generation.ignore_eos=true", f"hydra.run.dir={tmp_path}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "rm_runner.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "generating" in log.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before generating"
+        time.sleep(0.1)
+    family = psutil.Process(run.pid).children(recursive=True)
+    assert any("tritonserver" in " ".join(p.cmdline()) for p in family)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) != 0
+    assert "interrupted (signal SIGTERM)" in json.loads((tmp_path / "status.json").read_text())["reason"]
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
