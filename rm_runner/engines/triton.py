@@ -22,6 +22,7 @@ from rm_runner.backends.base import Backend
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.local import LocalEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
+from rm_runner.engines.triton_vllm import TritonVLLMClient, vllm_backend_installed, write_model_repository
 from rm_runner.requests import Completion, Request
 from rm_runner.rundir import atomic_write_text
 
@@ -81,8 +82,14 @@ class TritonEngine(LocalEngine):
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
                  model_name: str = "rm_runner", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                 startup_timeout_s: float = 300.0) -> None:
+                 startup_timeout_s: float = 300.0, server: str = "auto") -> None:
         super().__init__(backend, batch_size=batch_size)
+        if server not in ("auto", "pytriton", "vllm"):
+            from rm_runner.errors import ConfigError
+
+            raise ConfigError(f"engine.server={server!r}: use auto, pytriton or vllm")
+        # pytriton: the device's backend inside PyTriton; vllm: tritonserver's vLLM backend (GPU hosts)
+        self.server_kind = server
         if max_batch_size < batch_size:
             from rm_runner.errors import ConfigError
 
@@ -97,13 +104,22 @@ class TritonEngine(LocalEngine):
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        described.update(host=self.host, **self.ports, python=self.python, max_batch_size=self.max_batch_size,
+        described.update(host=self.host, server=self.server_kind, **self.ports, python=self.python,
+                         max_batch_size=self.max_batch_size,
                          pid=self.server.pid if self.server else None, ready_s=self.ready_s)
         return described
 
     def start(self) -> None:
         for key, port in self.ports.items():
             self.ports[key] = claim_port(self.host, port, key=f"engine.{key}")
+        if self.server_kind == "auto":
+            self.server_kind = "vllm" if vllm_backend_installed() else "pytriton"
+        if self.server_kind == "vllm":
+            if vllm_backend_installed() is None:
+                raise EngineError("engine.server=vllm needs a tritonserver binary with its vLLM backend "
+                                  "(e.g. NVIDIA's tritonserver vllm container); none found on PATH")
+            self._started = True
+            return
         probe = "import importlib.util as u, sys; sys.exit(u.find_spec('pytriton') is None or u.find_spec('tritonclient') is None)"
         if subprocess.run([self.python, "-c", probe], capture_output=True).returncode != 0:
             raise EngineError(
@@ -115,8 +131,28 @@ class TritonEngine(LocalEngine):
                               f"run rm_runner with {self.python} -m rm_runner")
         self._started = True
 
+    def _start_vllm_backend(self, path: Path, config: ModelConfig, log_dir: Path) -> TritonVLLMClient:
+        settings = self.backend.vllm_server_settings(path, config)
+        repository = write_model_repository(log_dir / "triton-model-repository", self.model_name, settings,
+                                            config.max_model_len)
+        h, p = self.host, self.ports
+        self.server = ServerProcess(
+            "triton", [str(vllm_backend_installed()), f"--model-repository={repository}",
+                       f"--http-address={h}", f"--http-port={p['http_port']}", f"--grpc-address={h}",
+                       f"--grpc-port={p['grpc_port']}", f"--metrics-address={h}", f"--metrics-port={p['metrics_port']}"],
+            log_dir / "triton-server.log", env=settings.env, stop_signal=signal.SIGINT)
+        self.server.start()
+        url = f"{h}:{p['http_port']}"
+        self.ready_s = round(self.server.wait_ready(http_ok(f"http://{url}/v2/models/{self.model_name}/ready"),
+                                                    self.startup_timeout_s), 3)
+        return TritonVLLMClient(url, self.model_name, timeout_s=self.startup_timeout_s)
+
     def load_model(self, path: Path, config: ModelConfig) -> None:
         log_dir = self.log_dir or Path.cwd()
+        if self.server_kind == "vllm":
+            self.executor = self._start_vllm_backend(path, config, log_dir)  # type: ignore[assignment]
+            LocalEngine.load_model(self, path, config)
+            return
         spec = {
             "device": self.backend.target_config(), "model_path": str(path),
             "model_config": {**{k: getattr(v, "value", v) for k, v in asdict(config).items()}, "source": None},
@@ -146,7 +182,7 @@ class TritonEngine(LocalEngine):
         return super().health() and self.server is not None and self.server.proc.poll() is None
 
     def stop(self) -> None:
-        if isinstance(self.executor, TritonClient):
+        if isinstance(self.executor, (TritonClient, TritonVLLMClient)):
             self.executor.close()
         if self.server is not None:
             self.server.stop()
