@@ -12,18 +12,15 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from rm_runner.backends.base import Backend
-from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.engines.local import LocalEngine
+from rm_runner.config import ModelConfig
+from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
-from rm_runner.requests import Completion, Request
 from rm_runner.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -61,7 +58,7 @@ class TorchServeClient:
         self.http.close()
 
 
-class TorchServeEngine(LocalEngine):
+class TorchServeEngine(ServedEngine):
     name = "torchserve"
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1",
@@ -69,22 +66,15 @@ class TorchServeEngine(LocalEngine):
                  metrics_port: int | None = None, grpc_inference_port: int | None = None,
                  grpc_management_port: int | None = None, python: str | None = None, model_name: str = "rm_runner",
                  startup_timeout_s: float = 300.0, response_timeout_s: int = 600) -> None:
-        super().__init__(backend, batch_size=batch_size)
-        self.host = host
+        super().__init__(backend, batch_size, host, python, startup_timeout_s)
         self.ports = {"inference_port": inference_port, "management_port": management_port,
                       "metrics_port": metrics_port, "grpc_inference_port": grpc_inference_port,
                       "grpc_management_port": grpc_management_port}
-        self.python = str(Path(python).expanduser()) if python else sys.executable
         self.model_name = model_name
-        self.startup_timeout_s, self.response_timeout_s = startup_timeout_s, response_timeout_s
-        self.server: ServerProcess | None = None
-        self.ready_s: float | None = None
+        self.response_timeout_s = response_timeout_s
 
     def describe(self) -> dict[str, Any]:
-        described = super().describe()
-        described.update(host=self.host, **self.ports, python=self.python,
-                         pid=self.server.pid if self.server else None, ready_s=self.ready_s)
-        return described
+        return {**super().describe(), **self.ports}
 
     def _tool(self, name: str) -> Path:
         return Path(self.python).parent / name
@@ -101,9 +91,7 @@ class TorchServeEngine(LocalEngine):
         self._started = True
 
     def _write_model_archive(self, work: Path, path: Path, config: ModelConfig) -> None:
-        spec = {"device": self.backend.target_config(), "model_path": str(path),
-                "model_config": {**{k: getattr(v, "value", v) for k, v in asdict(config).items()}, "source": None}}
-        atomic_write_text(work / "spec.json", json.dumps(spec, indent=2) + "\n")
+        atomic_write_text(work / "spec.json", json.dumps(self.model_spec(path, config), indent=2) + "\n")
         atomic_write_text(work / "handler.py", HANDLER)
         (work / "model_store").mkdir(exist_ok=True)
         archive = subprocess.run(
@@ -159,22 +147,3 @@ class TorchServeEngine(LocalEngine):
         url = f"http://{self.host}:{self.ports['inference_port']}/predictions/{self.model_name}"
         self.executor = TorchServeClient(url, timeout_s=self.response_timeout_s)  # type: ignore[assignment]
         super().load_model(path, config)
-
-    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
-        try:
-            return super().infer(requests, generation)
-        except Exception:
-            if self.server is not None:
-                self.server.check_alive(grace_s=5)
-            raise
-
-    def health(self) -> bool:
-        return super().health() and self.server is not None and self.server.proc.poll() is None
-
-    def stop(self) -> None:
-        if isinstance(self.executor, TorchServeClient):
-            self.executor.close()
-        if self.server is not None:
-            self.server.stop()
-        self.model = None
-        self._started = False

@@ -14,16 +14,14 @@ import logging
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rm_runner.backends.base import Backend
-from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.engines.local import LocalEngine
+from rm_runner.config import ModelConfig
+from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
 from rm_runner.engines.triton_vllm import TritonVLLMClient, vllm_backend_installed, write_model_repository
-from rm_runner.requests import Completion, Request
 from rm_runner.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -76,14 +74,14 @@ class TritonClient:
         return torch.from_numpy(result.as_numpy("sequences"))
 
 
-class TritonEngine(LocalEngine):
+class TritonEngine(ServedEngine):
     name = "triton"
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
                  model_name: str = "rm_runner", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
                  startup_timeout_s: float = 300.0, server: str = "auto") -> None:
-        super().__init__(backend, batch_size=batch_size)
+        super().__init__(backend, batch_size, host, python, startup_timeout_s)
         if server not in ("auto", "pytriton", "vllm"):
             from rm_runner.errors import ConfigError
 
@@ -94,20 +92,11 @@ class TritonEngine(LocalEngine):
             from rm_runner.errors import ConfigError
 
             raise ConfigError(f"engine.max_batch_size={max_batch_size} must be >= engine.batch_size={batch_size}")
-        self.host = host
         self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-        self.python = str(Path(python).expanduser()) if python else sys.executable
         self.model_name, self.max_batch_size, self.max_queue_delay_us = model_name, max_batch_size, max_queue_delay_us
-        self.startup_timeout_s = startup_timeout_s
-        self.server: ServerProcess | None = None
-        self.ready_s: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        described = super().describe()
-        described.update(host=self.host, server=self.server_kind, **self.ports, python=self.python,
-                         max_batch_size=self.max_batch_size,
-                         pid=self.server.pid if self.server else None, ready_s=self.ready_s)
-        return described
+        return {**super().describe(), "server": self.server_kind, **self.ports, "max_batch_size": self.max_batch_size}
 
     def start(self) -> None:
         for key, port in self.ports.items():
@@ -151,12 +140,10 @@ class TritonEngine(LocalEngine):
         log_dir = self.log_dir or Path.cwd()
         if self.server_kind == "vllm":
             self.executor = self._start_vllm_backend(path, config, log_dir)  # type: ignore[assignment]
-            LocalEngine.load_model(self, path, config)
+            super().load_model(path, config)
             return
         spec = {
-            "device": self.backend.target_config(), "model_path": str(path),
-            "model_config": {**{k: getattr(v, "value", v) for k, v in asdict(config).items()}, "source": None},
-            "model_name": self.model_name, "host": self.host, **self.ports,
+            **self.model_spec(path, config), "model_name": self.model_name, "host": self.host, **self.ports,
             "max_batch_size": self.max_batch_size, "max_queue_delay_us": self.max_queue_delay_us,
         }
         spec_path = log_dir / "triton-spec.json"
@@ -169,22 +156,3 @@ class TritonEngine(LocalEngine):
         self.ready_s = round(self.server.wait_ready(ready, self.startup_timeout_s), 3)
         self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s)  # type: ignore[assignment]
         super().load_model(path, config)
-
-    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
-        try:
-            return super().infer(requests, generation)
-        except Exception:
-            if self.server is not None:
-                self.server.check_alive(grace_s=5)
-            raise
-
-    def health(self) -> bool:
-        return super().health() and self.server is not None and self.server.proc.poll() is None
-
-    def stop(self) -> None:
-        if isinstance(self.executor, (TritonClient, TritonVLLMClient)):
-            self.executor.close()
-        if self.server is not None:
-            self.server.stop()
-        self.model = None
-        self._started = False

@@ -9,42 +9,33 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from rm_runner.backends.base import Backend
 from rm_runner.backends.remote import RemoteBackend
-from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.engines.local import LocalEngine
+from rm_runner.config import ModelConfig
+from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
-from rm_runner.requests import Completion, Request
 
 log = logging.getLogger(__name__)
 
 SERVED_NAME = "rm-runner-model"
 
 
-class VLLMServerEngine(LocalEngine):
+class VLLMServerEngine(ServedEngine):
     name = "vllm"
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", port: int | None = None,
                  python: str | None = None, startup_timeout_s: float = 600.0, max_concurrency: int = 16,
                  extra_args: list[str] | None = None) -> None:
-        super().__init__(backend, batch_size=batch_size)
-        self.host, self.port = host, port
-        self.python = str(Path(python).expanduser()) if python else sys.executable
-        self.startup_timeout_s = startup_timeout_s
+        super().__init__(backend, batch_size, host, python, startup_timeout_s)
+        self.port = port
         self.max_concurrency = max_concurrency
         self.extra_args = list(extra_args or [])
-        self.server: ServerProcess | None = None
-        self.ready_s: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        described = super().describe()
-        described.update(host=self.host, port=self.port, python=self.python,
-                         pid=self.server.pid if self.server else None, ready_s=self.ready_s)
-        return described
+        return {**super().describe(), "port": self.port}
 
     def start(self) -> None:
         """Check the port is free and the interpreter has vLLM; the server starts with the model."""
@@ -73,20 +64,3 @@ class VLLMServerEngine(LocalEngine):
         self.executor = RemoteBackend(base_url=f"{base_url}/v1", model=SERVED_NAME,
                                       max_concurrency=self.max_concurrency, timeout_s=self.startup_timeout_s)
         super().load_model(path, config)
-
-    def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
-        try:
-            return super().infer(requests, generation)
-        except Exception:
-            if self.server is not None:
-                self.server.check_alive(grace_s=5)  # a dead server explains the failure better than the client
-            raise
-
-    def health(self) -> bool:
-        return super().health() and self.server is not None and self.server.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.model = None
-        self._started = False
