@@ -60,3 +60,8 @@ def auto(**options: Any) -> Backend:
     backend.selection = selection
     log.info("device=auto chose %s (%s)", chosen.name, "; ".join(f"{s['name']}: {s['reason']}" for s in selection))
     return backend
+
+
+def by_name(device: str, **options: Any) -> Backend:
+    """``auto`` or a registered name, as the Python API takes it (``rm_runner.activate("gpu")``)."""
+    return auto(**options) if device == "auto" else get(device, options)

@@ -18,12 +18,7 @@ log = logging.getLogger(__name__)
 
 def build_backend(device: str | Backend, **options: Any) -> Backend:
     """A ready backend from a registered name (or ``auto``), or the instance given."""
-    if isinstance(device, Backend):
-        backend = device
-    elif device == "auto":
-        backend = registry.auto(**options)
-    else:
-        backend = registry.get(device, options)
+    backend = device if isinstance(device, Backend) else registry.by_name(device, **options)
     availability = backend.availability()
     if not availability:
         raise DeviceUnavailableError(
