@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import psutil
 
@@ -35,8 +35,18 @@ def capture() -> dict[str, Any]:
         "memory_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
         "gpus": _gpus(),
         "git": _git(Path(__file__).resolve().parent.parent),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("HF_", "CUDA_VISIBLE", "RBLN_", "OMP_", "VLLM_"))},
+        "env": recorded_env(os.environ),
     }
+
+
+RECORDED_PREFIXES = ("HF_", "CUDA_VISIBLE", "RBLN_", "OMP_", "VLLM_")
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "AUTH")
+
+
+def recorded_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that change how a run behaves; credentials (HF_TOKEN...) never reach the run directory."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(RECORDED_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
 
 
 def _packages() -> dict[str, str]:

@@ -138,3 +138,14 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path: Path, monkeypatch) 
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_environment_keeps_settings_but_never_credentials(tiny, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_other_secret")
+    monkeypatch.setenv("VLLM_API_KEY", "sk-secret")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    rd = tiny("generation.max_new_tokens=2")
+    assert rd.read_json("environment.json")["env"]["OMP_NUM_THREADS"] == "2"
+    everything = "".join(p.read_text(errors="replace") for p in rd.path.rglob("*") if p.is_file())
+    assert "secret" not in everything
