@@ -98,15 +98,15 @@ def test_a_precompiled_folder_is_used_as_is(sdk: dict[str, str], tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("env", "overrides", "message"),
+    ("with_sdk", "npus", "overrides", "message"),
     [
-        ({}, [], "neither optimum-rbln nor vllm-rbln is installed"),
-        ({"RBLN_STANDIN_NPUS": "0"}, [], "no RBLN NPU found (rebel.get_npu_count() == 0)"),
-        ({}, ["device.mode=vllm"], "device.mode=vllm needs vllm-rbln, which is not installed"),
+        (False, "1", [], "neither optimum-rbln nor vllm-rbln is installed"),
+        (True, "0", [], "no RBLN NPU found (rebel.get_npu_count() == 0)"),
+        (True, "1", ["device.mode=vllm"], "device.mode=vllm needs vllm-rbln, which is not installed"),
     ],
 )
-def test_availability_names_what_is_missing(sdk, tmp_path: Path, env, overrides, message) -> None:
-    run_env = {**sdk, **env} if env or overrides else {}
+def test_availability_names_what_is_missing(sdk, tmp_path: Path, with_sdk, npus, overrides, message) -> None:
+    run_env = {**sdk, "RBLN_STANDIN_NPUS": npus} if with_sdk else {}
     proc = cli("device=rbln", *overrides, "model=tiny-random", f"hydra.run.dir={tmp_path}/run", env=run_env)
     assert proc.returncode == 1
     assert message in json.loads((tmp_path / "run" / "status.json").read_text())["reason"]

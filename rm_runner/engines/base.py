@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.requests import Completion, Request
+
+
+class Executor(Protocol):
+    """What runs a padded batch for an engine: a device backend in-process, or a server's client."""
+
+    def prepare_model(self, model: Any, model_config: Any) -> Any: ...
+
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any: ...
 
 
 class Engine(ABC):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from rm_runner.backends.base import Backend
 from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.engines.base import Engine
+from rm_runner.engines.base import Engine, Executor
 from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.requests import Completion, Request
 
@@ -31,7 +31,7 @@ class LocalEngine(Engine):
         if batch_size < 1:
             raise ConfigError(f"engine.batch_size must be >= 1, got {batch_size}")
         self.backend = backend
-        self.executor: Backend = backend
+        self.executor: Executor = backend
         self.batch_size = batch_size
         self.model: Any = None
         self.tokenizer: Any = None

@@ -145,5 +145,5 @@ class TorchServeEngine(ServedEngine):
 
         self.ready_s = round(self.server.wait_ready(worker_ready, self.startup_timeout_s), 3)
         url = f"http://{self.host}:{self.ports['inference_port']}/predictions/{self.model_name}"
-        self.executor = TorchServeClient(url, timeout_s=self.response_timeout_s)  # type: ignore[assignment]
+        self.executor = TorchServeClient(url, timeout_s=self.response_timeout_s)
         super().load_model(path, config)

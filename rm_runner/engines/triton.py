@@ -139,7 +139,7 @@ class TritonEngine(ServedEngine):
     def load_model(self, path: Path, config: ModelConfig) -> None:
         log_dir = self.log_dir or Path.cwd()
         if self.server_kind == "vllm":
-            self.executor = self._start_vllm_backend(path, config, log_dir)  # type: ignore[assignment]
+            self.executor = self._start_vllm_backend(path, config, log_dir)
             super().load_model(path, config)
             return
         spec = {
@@ -154,5 +154,5 @@ class TritonEngine(ServedEngine):
         url = f"{self.host}:{self.ports['http_port']}"
         ready = http_ok(f"http://{url}/v2/models/{self.model_name}/ready")
         self.ready_s = round(self.server.wait_ready(ready, self.startup_timeout_s), 3)
-        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s)  # type: ignore[assignment]
+        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s)
         super().load_model(path, config)

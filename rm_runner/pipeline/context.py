@@ -24,5 +24,3 @@ class RunContext:
     generation: GenerationConfig
     # Figures for metrics.json, written after every step so a later failure loses none.
     metrics: dict[str, Any] = field(default_factory=dict)
-    # Results a step hands to the steps after it, by name.
-    results: dict[str, Any] = field(default_factory=dict)

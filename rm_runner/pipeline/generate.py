@@ -23,7 +23,6 @@ class Generate:
         completions = ctx.engine.infer(ctx.requests, ctx.generation)
         elapsed = time.perf_counter() - began
         ctx.run_dir.write_jsonl(GENERATIONS, (c.record() for c in completions))
-        ctx.results["completions"] = completions
         output_tokens = sum(c.output_tokens for c in completions)
         ctx.metrics.update(
             requests=len(completions),

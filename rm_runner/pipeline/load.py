@@ -19,7 +19,6 @@ class LoadModel:
         log.info("loading %s (%s) on %s", path, ctx.model.dtype.value, ctx.engine.name)
         ctx.engine.load_model(path, ctx.model)
         loaded = time.perf_counter()
-        ctx.results["model_path"] = str(path)
         ctx.metrics["engine"] = ctx.engine.describe()  # now with what loading did (e.g. compile cache hit)
         ctx.metrics.update(
             model_path=str(path),
