@@ -90,6 +90,40 @@ class PipelineConfig:
 
 
 @dataclass
+class ServerConfig:
+    """The OpenAI-compatible API of ``pipeline=serve``: where it listens, who may call it, its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port; the address is logged and written to server.json
+    # The name clients pass as `model`; null serves the model under model.name.
+    served_model_name: Optional[str] = None
+    # Name of the environment variable holding the API key (never the key itself). When that
+    # variable is set, every route but /health needs `Authorization: Bearer <key>`.
+    api_key_env: str = "RM_RUNNER_API_KEY"
+    # Dynamic batching: requests that arrive within max_wait_ms of the first waiting one run as
+    # one batch of at most max_batch_size sequences (prompts x n).
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    max_queue: int = 256  # waiting requests beyond this get 429
+    max_body_bytes: int = 1_048_576  # larger request bodies get 413
+    max_prompt_tokens: Optional[int] = None  # null: model.max_model_len
+    max_tokens: int = 4096  # the largest max_tokens a request may ask for
+    shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish on SIGTERM/Ctrl-C
+    record_text: bool = False  # also keep prompts and outputs in requests.jsonl
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
+        for key in ("max_batch_size", "max_queue", "max_body_bytes", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"server.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"server.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
+        if self.max_wait_ms < 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("server.max_wait_ms and server.shutdown_timeout_s must be >= 0")
+
+
+@dataclass
 class RunConfig:
     device: Any = MISSING
     engine: Any = MISSING
@@ -97,6 +131,7 @@ class RunConfig:
     pipeline: PipelineConfig = MISSING
     workload: WorkloadConfig = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def register_schema() -> None:
@@ -115,6 +150,7 @@ def validated(cfg: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, resolved)
         OmegaConf.to_object(merged.generation)
+        OmegaConf.to_object(merged.server)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]

@@ -24,6 +24,8 @@ ENVIRONMENT = "environment.json"
 GENERATIONS = "generations.jsonl"
 LOG = "rm_runner.log"
 OVERRIDES = "overrides.json"
+REQUESTS = "requests.jsonl"
+SERVER = "server.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -61,6 +63,16 @@ class RunDir:
         target = self.path / name
         atomic_write_text(target, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         return target
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Add one record as one ``write`` to an append-only file (a served request's record): a
+        reader sees whole lines, and the records before a crash stay."""
+        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def write_config(self, cfg: DictConfig, resolve: bool = True) -> Path:
         target = self.path / CONFIG

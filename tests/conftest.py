@@ -86,3 +86,47 @@ def token_ids(run_dir: Path) -> list[list[int]]:
     import json
 
     return [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+class Server:
+    """``python -m rm_runner pipeline=serve ...`` as a user starts it, ready once /health says so."""
+
+    def __init__(self, run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
+                 python: str = sys.executable) -> None:
+        self.run_dir = run_dir
+        self.proc = subprocess.Popen(
+            [python, "-m", "rm_runner", "pipeline=serve", "server.port=0", *overrides, f"hydra.run.dir={run_dir}"],
+            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.url = self._wait_ready(timeout_s=300)
+        self.base = self.url.removesuffix("/v1")
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        import json
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                _, err = self.proc.communicate()
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{err[-3000:]}")
+            info = self.run_dir / "server.json"
+            if info.exists():
+                url = json.loads(info.read_text())["url"]
+                try:
+                    if httpx.get(url.removesuffix("/v1") + "/health", timeout=5).status_code == 200:
+                        return url
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.1)
+        self.proc.kill()
+        raise AssertionError(f"the server was not ready within {timeout_s} s")
+
+    def stop(self, timeout_s: float = 60) -> tuple[int, str, str]:
+        """SIGTERM, as a process manager stops it; returns (exit code, stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, err = self.proc.communicate(timeout=timeout_s)
+        return self.proc.returncode, out, err

@@ -83,6 +83,11 @@ class Backend(ABC):
         ``method="forward"`` returns the forward pass's output (logits).
         """
 
+    def streams(self, model: Any) -> bool:
+        """True when ``execute(method="generate")`` takes Hugging Face ``stopping_criteria`` and calls
+        them after every decoding step, so served tokens reach clients as they are made."""
+        return False
+
     @abstractmethod
     def cleanup(self) -> None:
         """Release the device; safe to call twice."""

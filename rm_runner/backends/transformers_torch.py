@@ -67,6 +67,9 @@ class TransformersTorchBackend(Backend):
         model.eval()
         return model
 
+    def streams(self, model: Any) -> bool:
+        return not isinstance(model, VLLMModel)
+
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         """``model.generate(**inputs, **kwargs)`` (or the forward pass, for logits) under inference mode.
 

@@ -11,7 +11,11 @@ from rm_runner.requests import Completion, Request
 
 
 class Executor(Protocol):
-    """What runs a padded batch for an engine: a device backend in-process, or a server's client."""
+    """What runs a padded batch for an engine: a device backend in-process, or a server's client.
+
+    An executor may also have ``streams(model) -> bool`` (see ``Backend.streams``); without it,
+    streamed requests get their tokens when the batch finishes.
+    """
 
     def prepare_model(self, model: Any, model_config: Any) -> Any: ...
 

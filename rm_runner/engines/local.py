@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -72,16 +72,7 @@ class LocalEngine(Engine):
 
     def render(self, request: Request) -> list[int]:
         """Token ids of one request, through the chat template when it has one."""
-        conversation = request.conversation()
-        if conversation is None:
-            return self.tokenizer(request.prompt or "")["input_ids"]
-        if not self.tokenizer.chat_template:
-            raise ConfigError(
-                f"request {request.id}: the model has no chat template; set workload.chat_template=false "
-                "to send raw prompts"
-            )
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render(self.tokenizer, request)
 
     def generate_kwargs(self, generation: GenerationConfig) -> dict[str, Any]:
         """Our generation section as Hugging Face ``generate()`` keywords."""
@@ -119,6 +110,34 @@ class LocalEngine(Engine):
                 bar.update(len(batch))
         return completions
 
+    def streams(self) -> bool:
+        """True when ``generate_steps`` delivers tokens as they are made (the executor says so)."""
+        streams = getattr(self.executor, "streams", None)
+        return streams is not None and streams(self.model)
+
+    def generate_steps(self, ids: list[list[int]], kwargs: dict[str, Any],
+                       on_step: Callable[[list[int]], list[bool]]) -> None:
+        """Generate for a batch of prompts, handing each decoding step's new token per row to ``on_step``.
+
+        ``on_step`` answers which rows are finished; generation ends when all are. This is the
+        streaming form of ``infer``: where the executor calls Hugging Face stopping criteria every
+        step (``executor.streams(model)``) tokens arrive as they are made and finished rows (a stop
+        string, a client that left) end early; elsewhere (a server's client) the finished output
+        is replayed step by step through the same callback.
+        """
+        if not self.health():
+            raise RunnerError(f"engine={self.name}: generate_steps() before start() and load_model()")
+        inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+        if self.streams():
+            self.executor.execute(self.model, dict(inputs), stopping_criteria=_step_criteria(on_step), **kwargs)
+            return
+        output = self.executor.execute(self.model, dict(inputs), **kwargs)
+        sequences = getattr(output, "sequences", output)
+        rows = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        for step in range(max((len(r) for r in rows), default=0)):
+            if all(on_step([r[step] if step < len(r) else self.tokenizer.pad_token_id for r in rows])):
+                return
+
     def _run_batch(
         self, batch: list[Request], ids: list[list[int]], kwargs: dict[str, Any], generation: GenerationConfig
     ) -> list[Completion]:
@@ -150,3 +169,30 @@ class LocalEngine(Engine):
                 )
             )
         return results
+
+
+def render(tokenizer: Any, request: Request) -> list[int]:
+    """Token ids of one request with ``tokenizer``, through the chat template when it has one."""
+    conversation = request.conversation()
+    if conversation is None:
+        return tokenizer(request.prompt or "")["input_ids"]
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"request {request.id}: the model has no chat template; set workload.chat_template=false "
+            "to send raw prompts"
+        )
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _step_criteria(on_step: Callable[[list[int]], list[bool]]) -> Any:
+    """Hugging Face stopping criteria that report every step's tokens and stop rows on request."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StepCallback(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = on_step(input_ids[:, -1].tolist())
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StepCallback()])

@@ -1,0 +1,244 @@
+"""Dynamic batching: requests that arrive together run through the engine as one batch.
+
+API handlers ``submit`` jobs from the event loop; one worker thread owns the engine. It takes
+the oldest waiting job, gathers every compatible job (same sampling settings) that arrives
+within ``max_wait_s`` of it, up to ``max_batch_size`` sequences, and runs them as one padded
+batch through ``engine.generate_steps``. Each step's tokens go to their jobs' choices and out
+to the handlers as events; a choice that hits a stop string or its ``max_tokens``, or whose
+client left, stops its row, and the batch ends when every row has.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from rm_runner.server.choice import Choice
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than ``server.max_queue`` allows (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What must be equal for requests to share one ``generate()`` call."""
+
+    do_sample: bool
+    temperature: Optional[float]
+    top_p: Optional[float]
+    top_k: Optional[int]
+    seed: Optional[int]
+    ignore_eos: bool
+
+    def generate_kwargs(self, max_new_tokens: int, pad_token_id: int, stream: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": self.do_sample,
+                                  "pad_token_id": pad_token_id, "seed": self.seed,
+                                  "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        # Streaming executors stop rows through the step callback (EOS included: a choice knows its
+        # EOS ids); others stop on EOS themselves unless asked to ignore it.
+        if stream or self.ignore_eos:
+            kwargs["eos_token_id"] = None
+        return kwargs
+
+
+# What a job tells its handler, from the worker thread: ("delta", index, text),
+# ("finish", index, reason), ("done", None, None) or ("error", None, message).
+Event = tuple[str, Optional[int], Any]
+
+
+@dataclass
+class Job:
+    """One API request: its prompts (token ids) times ``n`` choices, and where events go."""
+
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    emit: Callable[[Event], None]
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: threading.Event = field(default_factory=threading.Event)  # set when no row of it runs any more
+    choices: list[Choice] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+    def cancel(self) -> None:
+        """The client is gone: stop its rows at the next step, or drop it if still waiting."""
+        self.cancelled.set()
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+
+
+class DynamicBatcher:
+    def __init__(self, engine: Any, max_batch_size: int, max_wait_s: float, max_queue: int,
+                 on_batch: Callable[[int], None] = lambda rows: None) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._worker = threading.Thread(target=self._loop, name="rm-runner-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive() and not self._closing
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (server.max_queue={self.max_queue})")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Refuse new jobs, fail the waiting ones, cancel running ones, and wait for the worker."""
+        with self._cond:
+            self._closing = True
+            waiting, self._waiting = list(self._waiting), deque()
+            for job in self._running:
+                job.cancel()
+            self._cond.notify_all()
+        for job in waiting:
+            job.emit(("error", None, "the server shut down before this request started"))
+            job.ended.set()
+        if self._worker.is_alive():
+            self._worker.join()
+
+    def _next_batch(self) -> list[Job]:
+        with self._cond:
+            while True:
+                while not self._waiting and not self._closing:
+                    self._cond.wait()
+                self._drop_cancelled()
+                if self._closing:
+                    return []
+                if not self._waiting:
+                    continue
+                deadline = self._waiting[0].arrived + self.max_wait_s
+                while not self._closing:
+                    remaining = deadline - time.perf_counter()
+                    if sum(j.rows for j in self._compatible()) >= self.max_batch_size or remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                    self._drop_cancelled()
+                    if not self._waiting:
+                        break
+                picked = self._compatible()
+                if not picked:
+                    continue
+                for job in picked:
+                    self._waiting.remove(job)
+                self._running = picked
+                return picked
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled.is_set()]:
+            self._waiting.remove(job)
+            job.ended.set()
+
+    def _compatible(self) -> list[Job]:
+        """The oldest job and the later ones that can share its batch, in arrival order."""
+        if not self._waiting:
+            return []
+        first = self._waiting[0]
+        picked, rows = [first], first.rows
+        for job in list(self._waiting)[1:]:
+            if job.sampling == first.sampling and rows + job.rows <= self.max_batch_size:
+                picked.append(job)
+                rows += job.rows
+        return picked
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            try:
+                self._run(batch)
+            except Exception as exc:  # one failed batch fails its requests, not the server
+                log.exception("batch of %d requests failed", len(batch))
+                for job in batch:
+                    job.emit(("error", None, f"{type(exc).__name__}: {exc}"))
+            finally:
+                with self._cond:
+                    self._running = []
+                for job in batch:
+                    job.ended.set()
+
+    def _run(self, batch: list[Job]) -> None:
+        engine = self.engine
+        rows: list[tuple[Job, int, Choice]] = []
+        ids: list[list[int]] = []
+        for job in batch:
+            job.choices = [Choice(engine.tokenizer, engine.eos_ids, job.max_tokens, job.stop, job.sampling.ignore_eos)
+                           for _ in range(job.rows)]
+            for index, choice in enumerate(job.choices):
+                rows.append((job, index, choice))
+                ids.append(job.prompts[index // job.n])
+        self.stats.batches += 1
+        self.stats.rows += len(rows)
+        self.on_batch(len(rows))
+        log.debug("batch: %d requests, %d sequences", len(batch), len(rows))
+
+        def on_step(tokens: list[int]) -> list[bool]:
+            now = time.perf_counter()
+            done = []
+            for (job, index, choice), token in zip(rows, tokens):
+                if job.cancelled.is_set():
+                    choice.finish("cancelled")
+                elif not choice.finished:
+                    job.first_token_at = job.first_token_at or now
+                    delta = choice.add(token)
+                    if delta:
+                        job.emit(("delta", index, delta))
+                    if choice.finished:
+                        job.emit(("finish", index, choice.finish_reason))
+                done.append(choice.finished)
+            return done
+
+        kwargs = batch[0].sampling.generate_kwargs(max(j.max_tokens for j in batch), engine.tokenizer.pad_token_id,
+                                                   engine.streams())
+        engine.generate_steps(ids, kwargs, on_step)
+        for job, index, choice in rows:  # rows the engine ended (its own limit) without us
+            if not choice.finished:
+                delta = choice.finish("length")
+                if delta:
+                    job.emit(("delta", index, delta))
+                job.emit(("finish", index, choice.finish_reason))
+        for job in batch:
+            job.emit(("done", None, None))

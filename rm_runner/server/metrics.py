@@ -1,0 +1,83 @@
+"""What the API counts: Prometheus series for ``GET /metrics`` and a summary for ``metrics.json``.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` histograms) under the
+``rm_runner_`` prefix. Each app has its own registry, so two servers in one process (tests)
+do not share counts.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rm_runner_requests", "API requests answered", ["route", "status"], registry=r)
+        self.errors = Counter("rm_runner_request_errors", "API requests answered with an error",
+                              ["route", "type"], registry=r)
+        self.prompt_tokens = Counter("rm_runner_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("rm_runner_generation_tokens", "Tokens generated", registry=r)
+        self.latency = Histogram("rm_runner_request_latency_seconds", "End-to-end request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("rm_runner_time_to_first_token_seconds", "Time from arrival to the first token",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("rm_runner_batch_size", "Sequences per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.running = Gauge("rm_runner_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("rm_runner_requests_waiting", "Requests waiting for a batch", registry=r)
+        self.started = time.time()
+        self.records: list[dict[str, Any]] = []
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """Count one finished request (its requests.jsonl record)."""
+        route, status = record["route"], record["status"]
+        self.records.append(record)
+        self.requests.labels(route, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(route, record.get("error_type") or "error").inc()
+            return
+        self.prompt_tokens.inc(record.get("prompt_tokens", 0))
+        self.generation_tokens.inc(record.get("completion_tokens", 0))
+        self.latency.labels(route).observe(record["latency_s"])
+        if record.get("ttft_s") is not None:
+            self.ttft.labels(route).observe(record["ttft_s"])
+
+    def summary(self) -> dict[str, Any]:
+        """The serving figures of ``metrics.json``: counts, tokens, latency and TTFT percentiles."""
+        done = [r for r in self.records if r["status"] < 400]
+        elapsed = time.time() - self.started
+        tokens = sum(r.get("completion_tokens", 0) for r in done)
+        return {
+            "requests": len(self.records),
+            "requests_ok": len(done),
+            "requests_failed": len(self.records) - len(done),
+            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in done),
+            "output_tokens": tokens,
+            "serve_time_s": round(elapsed, 3),
+            "latency_s": percentiles([r["latency_s"] for r in done]),
+            "ttft_s": percentiles([r["ttft_s"] for r in done if r.get("ttft_s") is not None]),
+        }
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return {"mean": round(values[0], 6), "p50": round(values[0], 6), "p90": round(values[0], 6)}
+    cuts = statistics.quantiles(values, n=10, method="inclusive")
+    return {"mean": round(statistics.fmean(values), 6), "p50": round(statistics.median(values), 6),
+            "p90": round(cuts[8], 6)}

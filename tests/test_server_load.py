@@ -1,0 +1,71 @@
+"""Load on the packaged SmolLM2: 32 concurrent streaming requests all succeed, every stream is
+well-formed, and they were batched instead of served one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(tmp_path_factory.mktemp("load") / "run", "server.max_wait_ms=50")
+    yield srv
+    srv.stop()
+
+
+def test_chat_answers_with_the_real_model(server: Server) -> None:
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16,
+        temperature=0)
+    assert "Paris" in answer.choices[0].message.content
+
+
+def test_32_concurrent_streams_are_all_well_formed(server: Server) -> None:
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(32)]
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> list[str]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 12,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            return [line async for line in response.aiter_lines() if line]
+
+    async def all_of_them() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=server.base, timeout=300,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    streams = asyncio.run(all_of_them())
+    assert len(streams) == 32
+    for events in streams:
+        assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert len({c["id"] for c in chunks}) == 1
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        body = [c for c in chunks if c["choices"]]
+        assert [c["choices"][0]["finish_reason"] for c in body].count(None) == len(body) - 1
+        assert body[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in body)
+        usage = chunks[-1]["usage"]
+        assert text.strip() and 0 < usage["completion_tokens"] <= 12
+    metrics = httpx.get(server.base + "/metrics").text
+    batches = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("rm_runner_batch_size_count"))
+    assert batches < 32  # requests shared batches
+
+
+def test_records_cover_every_request(server: Server) -> None:
+    lines = (Path(server.run_dir) / "requests.jsonl").read_text().splitlines()
+    assert sum(1 for line in lines if json.loads(line)["status"] == 200) >= 33
