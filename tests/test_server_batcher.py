@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 
@@ -34,6 +35,19 @@ def job(engine, prompt: str, max_tokens: int = 6, sampling: Sampling = GREEDY, n
     return Job(prompts=[ids], n=n, max_tokens=max_tokens, sampling=sampling, stop=stop or [], emit=events.put), events
 
 
+def drain(batcher: DynamicBatcher, jobs: list[Job]) -> None:
+    """Run the batcher in this (the model's) thread until every job has ended."""
+    def close_when_done() -> None:
+        for j in jobs:
+            j.ended.wait()
+        batcher.close()
+
+    closer = threading.Thread(target=close_when_done)
+    closer.start()
+    batcher.run()
+    closer.join()
+
+
 def collect(events: queue.Queue) -> tuple[dict[int, str], dict[int, str]]:
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}
@@ -56,9 +70,8 @@ def test_waiting_jobs_share_one_batch_and_match_offline(engine) -> None:
     jobs = [job(engine, p, max_tokens=m) for p, m in (("a b c", 6), ("d e", 3), ("f", 5))]
     for j, _ in jobs:
         batcher.submit(j)  # all waiting before the worker starts: one batch
-    batcher.start()
+    drain(batcher, [j for j, _ in jobs])
     results = [collect(events) for _, events in jobs]
-    batcher.close()
     assert batcher.stats.batches == 1 and batcher.stats.rows == 3
     offline = engine.infer([Request(id=str(i), prompt=p, chat_template=False) for i, p in enumerate(["a b c", "d e", "f"])],
                            GenerationConfig(max_new_tokens=6, ignore_eos=True))
@@ -74,9 +87,8 @@ def test_different_sampling_runs_in_separate_batches(engine) -> None:
     jobs = [job(engine, "a b"), job(engine, "c d", sampling=sampled), job(engine, "e f")]
     for j, _ in jobs:
         batcher.submit(j)
-    batcher.start()
+    drain(batcher, [j for j, _ in jobs])
     [collect(events) for _, events in jobs]
-    batcher.close()
     assert batcher.stats.batches == 2 and batcher.stats.rows == 3
 
 
@@ -86,8 +98,8 @@ def test_full_queue_and_shutdown_refuse_new_jobs(engine) -> None:
     batcher.submit(first)
     with pytest.raises(QueueFull, match="max_queue=1"):
         batcher.submit(job(engine, "b")[0])
-    batcher.start()
-    batcher.close()
+    drain(batcher, [first])
+    assert collect(events)[1] == {0: "length"}
     with pytest.raises(ShuttingDown):
         batcher.submit(job(engine, "c")[0])
 

@@ -3,8 +3,10 @@
 The listening socket is bound here, before uvicorn starts, so a port in use fails the run with
 the key to change, and ``server.port=0`` gets a free port that is known exactly. Readiness is
 announced in ``server.json`` (address, model, pid) and on stdout once the app has started.
-A signal stops the server gracefully: in-flight requests get ``server.shutdown_timeout_s`` to
-finish, then are cancelled; the run ends ``ok`` with the serving figures in ``metrics.json``.
+uvicorn runs in a thread of its own; this (main) thread, which loaded the model, drives it
+through the batcher. A signal stops the server gracefully: in-flight requests get
+``server.shutdown_timeout_s`` to finish, then are cancelled; the run ends ``ok`` with the
+serving figures in ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -54,12 +56,27 @@ class Serve:
         app = create_app(served, on_record=lambda record: ctx.run_dir.append_jsonl(REQUESTS, record), on_ready=ready)
         config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=settings.shutdown_timeout_s,
                                 lifespan="on")
-        server = _GracefulServer(config)
+        server = uvicorn.Server(config)
+        batcher = app.state.batcher
+
+        def serve_http() -> None:
+            try:
+                server.run(sockets=[sock])
+            finally:
+                batcher.close()  # however uvicorn ends, the model loop below ends too
+
+        http = threading.Thread(target=serve_http, name="rm-runner-http")
         try:
-            server.run(sockets=[sock])
+            with _stop_on_signals(server):
+                http.start()
+                try:
+                    batcher.run()
+                finally:
+                    server.should_exit = True
+                    http.join()
         finally:
             sock.close()
-            stats = app.state.batcher.stats
+            stats = batcher.stats
             ctx.metrics["serve"] = {**app.state.metrics.summary(), "batches": stats.batches,
                                     "mean_batch_size": round(stats.rows / stats.batches, 3) if stats.batches else None}
         if not server.started:
@@ -79,18 +96,16 @@ def bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"server.host={host}, server.port={port}: cannot listen there ({exc.strerror})") from None
 
 
-class _GracefulServer(uvicorn.Server):
-    """uvicorn's server, except that a stopping signal ends serving normally instead of being
-    re-raised afterwards: for a serve run, SIGTERM is how it is meant to end."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+@contextlib.contextmanager
+def _stop_on_signals(server: uvicorn.Server) -> Iterator[None]:
+    """SIGTERM or Ctrl-C ask uvicorn to shut down gracefully (a second Ctrl-C forces it); for a
+    serve run that is the normal end, not an interruption."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -73,7 +73,6 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
         on_ready()
         yield
         batcher.close()  # after uvicorn's graceful wait: cancel what is still running
@@ -211,7 +210,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         if len(body.stop_list()) > 4:
             raise APIError(400, "stop takes at most 4 sequences", param="stop")
         return Job(prompts=ids, n=body.n, max_tokens=max_tokens, sampling=sampling(body), stop=body.stop_list(),
-                   emit=emit)
+                   emit=emit, stream=body.stream)
 
     def sampling(body: SamplingRequest) -> Sampling:
         defaults = served.defaults
@@ -251,7 +250,6 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             if kind == "done":
                 record(route, 200, **reply.figures(), **text_fields(reply, body))
                 return JSONResponse(reply.whole())
-            reply.take(kind, index, value)
 
     background: set[asyncio.Task[None]] = set()
 
@@ -271,7 +269,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         if not settings.record_text:
             return {}
         prompt = body.conversation() if isinstance(body, ChatCompletionRequest) else getattr(body, "prompt", None)
-        return {"prompt": prompt, "outputs": reply.texts}
+        return {"prompt": prompt, "outputs": [c.text for c in reply.job.choices]}
 
     async def stream(reply: Reply, events: asyncio.Queue[Any], include_usage: bool, route: str) -> AsyncIterator[str]:
         finished = False
@@ -289,7 +287,6 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                         yield sse(reply.usage_chunk())
                     record(route, 200, stream=True, **reply.figures())
                     break
-                reply.take(kind, index, value)
                 if kind == "delta":
                     yield sse(reply.chunk(index, text=value))
                 else:
@@ -314,15 +311,7 @@ class Reply:
         self.model, self.chat, self.job = model, chat, job
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
-        self.texts = [""] * job.rows
-        self.finish = [None] * job.rows
         self.object = "chat.completion" if chat else "text_completion"
-
-    def take(self, kind: str, index: int, value: str) -> None:
-        if kind == "delta":
-            self.texts[index] += value
-        elif kind == "finish":
-            self.finish[index] = value
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(p) for p in self.job.prompts)
@@ -339,12 +328,13 @@ class Reply:
                 "latency_s": round(done - job.arrived, 6)}
 
     def whole(self) -> dict[str, Any]:
+        """The non-streamed response, once the job is done."""
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                        "finish_reason": reason} for i, (text, reason) in enumerate(zip(self.texts, self.finish))]
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                        "finish_reason": c.finish_reason} for i, c in enumerate(self.job.choices)]
         else:
-            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                       for i, (text, reason) in enumerate(zip(self.texts, self.finish))]
+            choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                       for i, c in enumerate(self.job.choices)]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 

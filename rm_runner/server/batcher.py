@@ -1,6 +1,8 @@
 """Dynamic batching: requests that arrive together run through the engine as one batch.
 
-API handlers ``submit`` jobs from the event loop; one worker thread owns the engine. It takes
+API handlers ``submit`` jobs from the event loop's thread; ``run`` owns the engine and runs in
+the thread that loaded the model (the main thread: PyTorch on the CPU keeps a thread pool per
+calling thread, and a second thread driving the model costs a third of the speed on 2 cores). It takes
 the oldest waiting job, gathers every compatible job (same sampling settings) that arrives
 within ``max_wait_s`` of it, up to ``max_batch_size`` sequences, and runs them as one padded
 batch through ``engine.generate_steps``. Each step's tokens go to their jobs' choices and out
@@ -52,8 +54,8 @@ class Sampling:
         return kwargs
 
 
-# What a job tells its handler, from the worker thread: ("delta", index, text),
-# ("finish", index, reason), ("done", None, None) or ("error", None, message).
+# What a job tells its handler, from the model's thread: ("delta", index, text) and
+# ("finish", index, reason) when streamed, then ("done", None, None) or ("error", None, message).
 Event = tuple[str, Optional[int], Any]
 
 
@@ -67,6 +69,9 @@ class Job:
     sampling: Sampling
     stop: list[str]
     emit: Callable[[Event], None]
+    # Streamed jobs get every delta as it is made; the others only "done" (each wake-up of the
+    # event loop costs the model thread time on a small machine).
+    stream: bool = True
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -101,14 +106,11 @@ class DynamicBatcher:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._closing = False
-        self._worker = threading.Thread(target=self._loop, name="rm-runner-batcher", daemon=True)
-
-    def start(self) -> None:
-        self._worker.start()
+        self._serving = False
 
     @property
     def alive(self) -> bool:
-        return self._worker.is_alive() and not self._closing
+        return self._serving and not self._closing
 
     def waiting(self) -> int:
         return len(self._waiting)
@@ -126,7 +128,7 @@ class DynamicBatcher:
             self._cond.notify()
 
     def close(self) -> None:
-        """Refuse new jobs, fail the waiting ones, cancel running ones, and wait for the worker."""
+        """Refuse new jobs, fail the waiting ones, cancel running ones; ``run`` returns after its batch."""
         with self._cond:
             self._closing = True
             waiting, self._waiting = list(self._waiting), deque()
@@ -136,8 +138,6 @@ class DynamicBatcher:
         for job in waiting:
             job.emit(("error", None, "the server shut down before this request started"))
             job.ended.set()
-        if self._worker.is_alive():
-            self._worker.join()
 
     def _next_batch(self) -> list[Job]:
         with self._cond:
@@ -183,10 +183,13 @@ class DynamicBatcher:
                 rows += job.rows
         return picked
 
-    def _loop(self) -> None:
+    def run(self) -> None:
+        """Serve batches until ``close``; call it from the thread that should drive the model."""
+        self._serving = True
         while True:
             batch = self._next_batch()
             if not batch:
+                self._serving = False
                 return
             try:
                 self._run(batch)
@@ -224,9 +227,9 @@ class DynamicBatcher:
                 elif not choice.finished:
                     job.first_token_at = job.first_token_at or now
                     delta = choice.add(token)
-                    if delta:
+                    if job.stream and delta:
                         job.emit(("delta", index, delta))
-                    if choice.finished:
+                    if job.stream and choice.finished:
                         job.emit(("finish", index, choice.finish_reason))
                 done.append(choice.finished)
             return done
@@ -237,8 +240,9 @@ class DynamicBatcher:
         for job, index, choice in rows:  # rows the engine ended (its own limit) without us
             if not choice.finished:
                 delta = choice.finish("length")
-                if delta:
+                if job.stream and delta:
                     job.emit(("delta", index, delta))
-                job.emit(("finish", index, choice.finish_reason))
+                if job.stream:
+                    job.emit(("finish", index, choice.finish_reason))
         for job in batch:
             job.emit(("done", None, None))
