@@ -50,6 +50,8 @@ def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> 
         (["generation.do_sample=true", "generation.temperature=0"], "generation.temperature must be > 0"),
         (["workload=jsonl", "workload.path=/no/such.jsonl"], "workload.path: file '/no/such.jsonl' does not exist"),
         (["model.max_model_len=8"], "exceed model.max_model_len=8"),
+        (["pipeline=serve", "server.max_batch_size=0"], "server.max_batch_size must be >= 1, got 0"),
+        (["pipeline=serve", "server.host=203.0.113.7", "server.port=0"], "server.host=203.0.113.7, server.port=0: cannot listen"),
     ],
 )
 def test_invalid_values_fail_with_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
