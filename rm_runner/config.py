@@ -67,6 +67,24 @@ class GenerationConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Seeded random prompts, lengths in tokens of the model's own tokenizer (normal, clipped at 1)."""
+
+    num_prompts: int = 0  # 0: none
+    input_tokens: int = 128
+    input_tokens_stddev: float = 0.0
+    output_tokens: int = 64
+    output_tokens_stddev: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 0 or self.input_tokens < 1 or self.output_tokens < 1:
+            raise ValueError("workload.synthetic: num_prompts must be >= 0, input_tokens and output_tokens >= 1")
+        if self.input_tokens_stddev < 0 or self.output_tokens_stddev < 0:
+            raise ValueError("workload.synthetic: the stddevs must be >= 0")
+
+
+@dataclass
 class WorkloadConfig:
     """Which prompts run: inline prompts, inline chat conversations, or a JSONL file."""
 
@@ -78,6 +96,10 @@ class WorkloadConfig:
     path: Optional[str] = None
     # Wrap plain prompts as a user turn and render them with the model's chat template.
     chat_template: bool = True
+    # ShareGPT-style JSON file (a list of {"conversations": [{"from": "human"|"gpt", "value": ...}]}):
+    # each conversation's first human turn is a prompt, its first reply's length the output length.
+    sharegpt_path: Optional[str] = None
+    synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
     limit: Optional[int] = None
 
 
@@ -123,6 +145,67 @@ class ServerConfig:
             raise ValueError("server.max_wait_ms and server.shutdown_timeout_s must be >= 0")
 
 
+class LoadProfile(str, Enum):
+    """How a benchmark sends its requests (the names of vLLM bench / guidellm)."""
+
+    batch = "batch"            # in-process: the workload in batches of engine.batch_size (offline)
+    synchronous = "synchronous"  # one request at a time
+    concurrent = "concurrent"  # at most load.concurrency in flight (over HTTP)
+    poisson = "poisson"        # arrivals at load.rate requests/s, exponential gaps (over HTTP)
+    sweep = "sweep"            # poisson at each of load.rates in turn (over HTTP)
+
+
+@dataclass
+class LoadConfig:
+    profile: LoadProfile = LoadProfile.batch
+    concurrency: int = 16
+    rate: float = 4.0
+    rates: list[float] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"benchmark.load.concurrency must be >= 1, got {self.concurrency}")
+        if self.rate <= 0 or any(r <= 0 for r in self.rates):
+            raise ValueError("benchmark.load.rate and benchmark.load.rates must be > 0 requests/s")
+        if self.profile == LoadProfile.sweep and not self.rates:
+            raise ValueError("benchmark.load.profile=sweep needs benchmark.load.rates, e.g. [1,2,4]")
+
+
+@dataclass
+class BenchmarkConfig:
+    """``pipeline=benchmark``: where requests go, how they are sent, how often it is repeated."""
+
+    # auto: over HTTP when the engine serves an OpenAI API (engine=vllm, device=remote), else
+    # in-process; api: start rm_runner's own API in front of the engine and load it over HTTP.
+    target: str = "auto"
+    warmup: int = 1  # unmeasured passes over (up to 4 of) the workload's requests
+    repetitions: int = 3  # measured passes; figures are per repetition and their spread
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+    def __post_init__(self) -> None:
+        if self.target not in ("auto", "engine", "api"):
+            raise ValueError(f"benchmark.target must be auto, engine or api, got {self.target!r}")
+        if self.warmup < 0 or self.repetitions < 1:
+            raise ValueError("benchmark.warmup must be >= 0 and benchmark.repetitions >= 1")
+
+
+@dataclass
+class ParityConfig:
+    """``pipeline=parity``: the run's device and dtype against a reference, greedy."""
+
+    reference_device: str = "cpu"
+    reference_dtype: Dtype = Dtype.float32
+    # Pass when at least this fraction of prompts give identical token ids ...
+    min_match_fraction: float = 1.0
+    # ... and, where both sides give log-probs, no chosen token's log-prob differs by more.
+    max_logprob_diff: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_match_fraction <= 1:
+            raise ValueError(f"parity.min_match_fraction must be in [0, 1], got {self.min_match_fraction}")
+
+
 @dataclass
 class RunConfig:
     device: Any = MISSING
@@ -132,6 +215,11 @@ class RunConfig:
     workload: WorkloadConfig = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    # In a sweep, a device that is not available here is recorded as skipped (exit 0) instead
+    # of failing; single runs fail fast.
+    on_unavailable: str = "fail"
 
 
 def register_schema() -> None:
@@ -150,7 +238,10 @@ def validated(cfg: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, resolved)
         OmegaConf.to_object(merged.generation)
-        OmegaConf.to_object(merged.server)
+        for section in ("server", "benchmark", "parity", "workload"):
+            OmegaConf.to_object(merged[section])
+        if merged.on_unavailable not in ("fail", "skip"):
+            raise ValueError(f"on_unavailable must be fail or skip, got {merged.on_unavailable!r}")
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
