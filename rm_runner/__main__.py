@@ -12,18 +12,28 @@ import hydra
 from omegaconf import DictConfig
 
 from rm_runner.config import register_schema
+from rm_runner.sweep.naming import register_resolvers
 
 register_schema()
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://rm_runner.conf", config_name="config")
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from rm_runner.errors import RunnerError
     from rm_runner.runner import run
 
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        from pathlib import Path
+
+        from rm_runner.sweep.job import run_isolated
+
+        run_isolated(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), hydra_cfg.job.num)
+        return
     try:
         run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
     except RunnerError:

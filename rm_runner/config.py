@@ -207,6 +207,13 @@ class ParityConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a multirun (``-m``) treats its jobs."""
+
+    force: bool = False  # rerun jobs whose directory already holds an ok run of the same config
+
+
+@dataclass
 class RunConfig:
     device: Any = MISSING
     engine: Any = MISSING
@@ -220,6 +227,7 @@ class RunConfig:
     # In a sweep, a device that is not available here is recorded as skipped (exit 0) instead
     # of failing; single runs fail fast.
     on_unavailable: str = "fail"
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_schema() -> None:

@@ -14,6 +14,13 @@ class Request:
     prompt: Optional[str] = None
     messages: Optional[list[dict[str, str]]] = None
     chat_template: bool = True
+    # Token ids sent as they are (synthetic prompts); wins over prompt and messages.
+    prompt_ids: Optional[list[int]] = None
+    # This request's own output length (ShareGPT, synthetic); None: generation.max_new_tokens.
+    max_new_tokens: Optional[int] = None
+    # The reply in the source dataset (ShareGPT): its length in the model's tokens becomes
+    # max_new_tokens once the tokenizer is loaded (``workload.with_tokenizer``).
+    reference_output: Optional[str] = None
 
     def conversation(self) -> list[dict[str, str]] | None:
         """The messages the chat template renders, or None for a raw completion prompt."""

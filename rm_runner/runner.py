@@ -85,13 +85,15 @@ def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -
     run_dir = RunDir(path)
     run_dir.set_status("running")
     with _sigterm_as_interrupt():
-        _run(cfg, run_dir, overrides)
-    run_dir.set_status("ok")
+        skipped = _run(cfg, run_dir, overrides)
+    if skipped is None:
+        run_dir.set_status("ok")
     log.info("run directory: %s", run_dir.path)
     return run_dir
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> None:
+def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> str | None:
+    """Run the steps; returns the reason when the run was skipped (device unavailable in a sweep)."""
     ctx: RunContext | None = None
     try:
         run_dir.write_json(OVERRIDES, list(overrides or []))
@@ -104,6 +106,14 @@ def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> None:
         for step in steps:
             step(ctx)
             run_dir.write_json(METRICS, ctx.metrics)
+    except DeviceUnavailableError as exc:
+        if cfg.get("on_unavailable") == "skip":
+            log.warning("skipped: %s", exc)
+            run_dir.set_status("skipped", str(exc), error=type(exc).__name__)
+            return str(exc)
+        log.error("%s", exc)
+        run_dir.set_status("failed", str(exc), error=type(exc).__name__)
+        raise
     except RunnerError as exc:
         log.error("%s", exc)
         run_dir.set_status("failed", str(exc), error=type(exc).__name__)
@@ -119,3 +129,4 @@ def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> None:
             ctx.engine.stop()
             if ctx.metrics:
                 run_dir.write_json(METRICS, ctx.metrics)
+    return None

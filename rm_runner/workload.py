@@ -1,4 +1,5 @@
-"""Turn the workload section into requests: inline prompts, inline conversations, a JSONL file."""
+"""Turn the workload section into requests: inline prompts, inline conversations, a JSONL file,
+a ShareGPT file, and seeded synthetic prompts (made once the model's tokenizer is loaded)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,74 @@ def load_requests(workload: Any) -> list[Request]:
         requests.append(Request(id=f"chat-{i}", messages=messages))
     if workload.path:
         requests.extend(_read_jsonl(Path(workload.path).expanduser(), chat))
+    if workload.sharegpt_path:
+        requests.extend(_read_sharegpt(Path(workload.sharegpt_path).expanduser()))
     if workload.limit is not None:
         requests = requests[: workload.limit]
-    if not requests:
+    if not requests and not workload.synthetic.num_prompts:
         raise ConfigError(
-            "workload has no prompts: set workload.prompts, workload.conversations or workload.path"
+            "workload has no prompts: set workload.prompts, workload.conversations, workload.path, "
+            "workload.sharegpt_path or workload.synthetic.num_prompts"
         )
+    return requests
+
+
+def synthesize(tokenizer: Any, synthetic: Any) -> list[Request]:
+    """``num_prompts`` prompts of random ordinary token ids, lengths drawn from seeded normals.
+
+    Ids are sent as they are (no decode/re-encode round trip), so input lengths are exact in
+    the model's own tokens; output lengths become each request's ``max_new_tokens``.
+    """
+    import random
+
+    rng = random.Random(synthetic.seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in special]
+
+    def length(mean: int, stddev: float) -> int:
+        return max(1, round(rng.gauss(mean, stddev))) if stddev else mean
+
+    requests = []
+    for i in range(synthetic.num_prompts):
+        n_in = length(synthetic.input_tokens, synthetic.input_tokens_stddev)
+        n_out = length(synthetic.output_tokens, synthetic.output_tokens_stddev)
+        requests.append(Request(id=f"synthetic-{i}", prompt_ids=[rng.choice(vocab) for _ in range(n_in)],
+                                max_new_tokens=n_out))
+    return requests
+
+
+def with_tokenizer(requests: list[Request], tokenizer: Any, workload: Any) -> list[Request]:
+    """What needs the model's tokenizer: ShareGPT output lengths, then the synthetic prompts."""
+    for request in requests:
+        if request.reference_output and request.max_new_tokens is None:
+            request.max_new_tokens = max(1, len(tokenizer(request.reference_output, add_special_tokens=False)["input_ids"]))
+    if workload.synthetic.num_prompts:
+        requests = requests + synthesize(tokenizer, workload.synthetic)
+    return requests
+
+
+def _read_sharegpt(path: Path) -> list[Request]:
+    """ShareGPT JSON: each conversation's first human turn is the prompt (chat-templated); the
+    reply after it sets the output length, in the model's tokens (as vLLM's bench does)."""
+    if not path.is_file():
+        raise ConfigError(f"workload.sharegpt_path: file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"workload.sharegpt_path {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"workload.sharegpt_path {path}: expected a list of conversations")
+    requests = []
+    for i, item in enumerate(data):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        if not isinstance(turns, list):
+            raise ConfigError(f"workload.sharegpt_path {path}: entry {i} has no 'conversations' list")
+        human = next((k for k, t in enumerate(turns) if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
+        if human is None:
+            continue  # nothing to ask
+        reply = turns[human + 1].get("value") if human + 1 < len(turns) else None
+        requests.append(Request(id=str(item.get("id", i)), messages=[{"role": "user", "content": turns[human]["value"]}],
+                                reference_output=reply or None))
     return requests
 
 

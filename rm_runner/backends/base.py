@@ -88,6 +88,10 @@ class Backend(ABC):
         them after every decoding step, so served tokens reach clients as they are made."""
         return False
 
+    def device_memory(self) -> dict[str, float] | None:
+        """Peak device memory in GiB where the device reports it (GPU), else None."""
+        return None
+
     @abstractmethod
     def cleanup(self) -> None:
         """Release the device; safe to call twice."""

@@ -89,6 +89,15 @@ class GPUBackend(TransformersTorchBackend):
     def generate_defaults(self) -> dict[str, Any]:
         return {"cache_implementation": "static"} if self.options.static_cache else {}
 
+    def device_memory(self) -> dict[str, float] | None:
+        import torch
+
+        if not torch.cuda.is_initialized():
+            return None
+        index = self.options.device_id
+        return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(index) / 2**30, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(index) / 2**30, 3)}
+
     def torch_device(self) -> str:
         return f"cuda:{self.options.device_id}"
 

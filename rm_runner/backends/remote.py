@@ -86,6 +86,10 @@ class RemoteBackend(Backend):
         path = model if isinstance(model, (str, Path)) else model.name_or_path
         return RemoteModel(client=client, served_name=name, tokenizer=AutoTokenizer.from_pretrained(str(path)))
 
+    def openai_endpoint(self, model: RemoteModel) -> tuple[str, str, str]:
+        """(base URL, served model name, API key): what a load generator needs to reach the server."""
+        return self.options.base_url, model.served_name, os.environ.get(self.options.api_key_env) or "EMPTY"
+
     def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any]) -> list[int]:
         sample = bool(kwargs.get("do_sample"))
         extra: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": False}

@@ -95,10 +95,12 @@ class LocalEngine(Engine):
             raise RunnerError(f"engine={self.name}: infer() before start() and load_model()")
         encoded = [self.render(r) for r in requests]
         for request, ids in zip(requests, encoded):
-            if len(ids) + generation.max_new_tokens > self.max_model_len:
+            wanted = request.max_new_tokens or generation.max_new_tokens
+            if len(ids) + wanted > self.max_model_len:
                 raise ConfigError(
-                    f"request {request.id}: {len(ids)} prompt tokens + generation.max_new_tokens="
-                    f"{generation.max_new_tokens} exceed model.max_model_len={self.max_model_len}"
+                    f"request {request.id}: {len(ids)} prompt tokens + {wanted} new tokens "
+                    f"(generation.max_new_tokens or the workload's own length) exceed "
+                    f"model.max_model_len={self.max_model_len}"
                 )
         kwargs = self.generate_kwargs(generation)
         completions: list[Completion] = []
@@ -109,6 +111,12 @@ class LocalEngine(Engine):
                 completions.extend(self._run_batch(batch, ids, kwargs, generation))
                 bar.update(len(batch))
         return completions
+
+    def openai_endpoint(self) -> tuple[str, str, str] | None:
+        """(base URL, model, API key) when requests reach the model through an OpenAI-compatible
+        server (a vLLM engine, a remote device), so a benchmark can load that server directly."""
+        endpoint = getattr(self.executor, "openai_endpoint", None)
+        return endpoint(self.model) if endpoint is not None else None
 
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (the executor says so)."""
@@ -142,14 +150,15 @@ class LocalEngine(Engine):
         self, batch: list[Request], ids: list[list[int]], kwargs: dict[str, Any], generation: GenerationConfig
     ) -> list[Completion]:
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+        limits = [r.max_new_tokens or kwargs["max_new_tokens"] for r in batch]
         began = time.perf_counter()
-        output = self.executor.execute(self.model, dict(inputs), **kwargs)
+        output = self.executor.execute(self.model, dict(inputs), **{**kwargs, "max_new_tokens": max(limits)})
         latency = time.perf_counter() - began
         sequences = getattr(output, "sequences", output)
         width = inputs["input_ids"].shape[1]
         results = []
-        for request, prompt_ids, row in zip(batch, ids, sequences.tolist()):
-            new = row[width:]
+        for request, prompt_ids, row, limit in zip(batch, ids, sequences.tolist(), limits):
+            new = row[width:][:limit]
             finish = "length"
             if not generation.ignore_eos:
                 for i, tok in enumerate(new):
@@ -173,6 +182,8 @@ class LocalEngine(Engine):
 
 def render(tokenizer: Any, request: Request) -> list[int]:
     """Token ids of one request with ``tokenizer``, through the chat template when it has one."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
     conversation = request.conversation()
     if conversation is None:
         return tokenizer(request.prompt or "")["input_ids"]

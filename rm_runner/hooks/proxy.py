@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from rm_runner.backends.base import Backend
@@ -31,6 +32,10 @@ class ModelProxy:
     def _prepare_on(self, backend: Backend) -> None:
         object.__setattr__(self, "_backend", backend)
         object.__setattr__(self, "_prepared", backend.prepare_model(self._model, self._config))
+
+    def use_dtype(self, dtype: Dtype | str) -> None:
+        """Prepare in ``dtype`` from the next ``switch_device`` on (by default: the dtype it was loaded in)."""
+        object.__setattr__(self, "_config", replace(self._config, dtype=Dtype(dtype)))
 
     @property
     def backend(self) -> Backend:

@@ -6,6 +6,7 @@ import logging
 import time
 
 from rm_runner.pipeline.context import RunContext
+from rm_runner.workload import with_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ class LoadModel:
         log.info("loading %s (%s) on %s", path, ctx.model.dtype.value, ctx.engine.name)
         ctx.engine.load_model(path, ctx.model)
         loaded = time.perf_counter()
+        ctx.requests = with_tokenizer(ctx.requests, ctx.engine.tokenizer, ctx.cfg.workload)
         ctx.metrics["engine"] = ctx.engine.describe()  # now with what loading did (e.g. compile cache hit)
         ctx.metrics.update(
             model_path=str(path),

@@ -1,0 +1,142 @@
+"""The HTTP target: an OpenAI-compatible server loaded with the official ``openai`` client.
+
+Every request streams (``stream_options.include_usage`` gives the exact output token count);
+the arrival of each content chunk is a token time, as in ``vllm bench serve``. Profiles:
+synchronous (one at a time), concurrent (at most N in flight, all queued at t=0), poisson
+(seeded exponential gaps at ``rate`` requests/s). Chat requests go to ``/chat/completions``,
+raw prompts and token-id prompts to ``/completions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+from rm_runner.config import GenerationConfig, LoadProfile
+from rm_runner.requests import Request
+
+
+def run(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
+        profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
+        on_request_done: Callable[[], None] = lambda: None) -> tuple[list[dict[str, Any]], float]:
+    """All requests once under ``profile``; returns the per-request records and the duration."""
+    return asyncio.run(_run(base_url, model, api_key, requests, generation, profile, concurrency, rate, seed,
+                            on_request_done))
+
+
+def run_in_subprocess(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
+                      profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
+                      on_request_done: Callable[[], None] = lambda: None) -> tuple[list[dict[str, Any]], float]:
+    """``run`` in a process of its own: for a server hosted in this process, whose model thread a
+    client here would slow down (one GIL), as real clients never do."""
+    spec = {"base_url": base_url, "model": model, "requests": [asdict(r) for r in requests],
+            "generation": asdict(generation), "profile": profile.value, "concurrency": concurrency, "rate": rate,
+            "seed": seed}
+    proc = subprocess.Popen([sys.executable, "-m", "rm_runner.benchmark.http_load"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "RM_RUNNER_LOAD_API_KEY": api_key})
+    out, _ = proc.communicate(json.dumps(spec))
+    if proc.returncode != 0:
+        raise RuntimeError(f"the load generator exited with {proc.returncode} (its error is above)")
+    lines = out.splitlines()
+    for _ in range(sum(1 for line in lines if line == "done")):
+        on_request_done()
+    result = json.loads(lines[-1])
+    return result["records"], result["duration_s"]
+
+
+def _main() -> None:
+    """``python -m rm_runner.benchmark.http_load``: a spec on stdin, "done" per request and the
+    result as the last line on stdout; the API key comes in $RM_RUNNER_LOAD_API_KEY."""
+    spec = json.loads(sys.stdin.read())
+    records, duration = run(spec["base_url"], spec["model"], os.environ.get("RM_RUNNER_LOAD_API_KEY", "EMPTY"),
+                            [Request(**r) for r in spec["requests"]], GenerationConfig(**spec["generation"]),
+                            LoadProfile(spec["profile"]), spec["concurrency"], spec["rate"], spec["seed"],
+                            lambda: print("done", flush=True))
+    print(json.dumps({"records": records, "duration_s": duration}), flush=True)
+
+
+async def _run(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
+               profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
+               on_request_done: Callable[[], None]) -> tuple[list[dict[str, Any]], float]:
+    import httpx
+    from openai import AsyncOpenAI
+
+    limit = 1 if profile == LoadProfile.synchronous else concurrency if profile == LoadProfile.concurrent else None
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=3600,
+                         http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=max(64, limit or 0))))
+    gate = asyncio.Semaphore(limit) if limit else None
+    rng = random.Random(seed)
+    began = time.perf_counter()
+
+    async def one(request: Request, delay: float) -> dict[str, Any]:
+        if delay:
+            await asyncio.sleep(delay)  # the request's scheduled arrival, not a wait for readiness
+        if gate is not None:
+            async with gate:
+                record = await _send(client, model, request, generation, began)
+        else:
+            record = await _send(client, model, request, generation, began)
+        on_request_done()
+        return record
+
+    delays, at = [], 0.0
+    for _ in requests:
+        delays.append(at if profile == LoadProfile.poisson else 0.0)
+        at += rng.expovariate(rate) if profile == LoadProfile.poisson and rate else 0.0
+    try:
+        records = await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
+    finally:
+        await client.close()
+    return list(records), time.perf_counter() - began
+
+
+async def _send(client: Any, model: str, request: Request, generation: GenerationConfig, began: float) -> dict[str, Any]:
+    max_tokens = request.max_new_tokens or generation.max_new_tokens
+    sampling: dict[str, Any] = {"temperature": generation.temperature if generation.do_sample else 0.0,
+                                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    if generation.do_sample:
+        sampling.update(top_p=generation.top_p, seed=generation.seed)
+    extra: dict[str, Any] = {"ignore_eos": True} if generation.ignore_eos else {}
+    if generation.do_sample and generation.top_k:
+        extra["top_k"] = generation.top_k
+    conversation = None if request.prompt_ids is not None else request.conversation()
+    start = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    record: dict[str, Any] = {"id": request.id, "start_s": round(start - began, 6)}
+    try:
+        if conversation is not None:
+            stream = await client.chat.completions.create(model=model, messages=conversation, extra_body=extra, **sampling)
+        else:
+            prompt = request.prompt_ids if request.prompt_ids is not None else request.prompt or ""
+            stream = await client.completions.create(model=model, prompt=prompt, extra_body=extra, **sampling)
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text = choice.delta.content if conversation is not None else choice.text
+                if text:
+                    stamps.append(time.perf_counter())
+    except Exception as exc:  # a failed request is a record, not the end of the benchmark
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}", prompt_tokens=0, output_tokens=0,
+                      ttft_s=None, e2el_s=round(time.perf_counter() - start, 6), itl_s=[])
+        return record
+    end = time.perf_counter()
+    record.update(ok=True, error=None,
+                  prompt_tokens=usage.prompt_tokens if usage else 0,
+                  output_tokens=usage.completion_tokens if usage else len(stamps),
+                  ttft_s=round(stamps[0] - start, 6) if stamps else None,
+                  e2el_s=round(end - start, 6),
+                  itl_s=[round(b - a, 6) for a, b in zip(stamps, stamps[1:])])
+    return record
+
+
+if __name__ == "__main__":
+    _main()

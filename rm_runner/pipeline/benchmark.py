@@ -1,0 +1,169 @@
+"""Step: measure the workload on the engine: warm-up, then repetitions, per-request records.
+
+Where requests go (``benchmark.target``): in-process through the engine's streaming form; over
+HTTP to the engine's own OpenAI-compatible server (``engine=vllm``, ``device=remote``); or
+(``api``) through rm_runner's API started in front of the engine. The figures follow one schema
+(``rm_runner.benchmark.metrics``). After every repetition ``benchmark.jsonl`` and
+``metrics.json`` are rewritten whole, so a failure later keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import Any, Callable, Optional
+
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from rm_runner.benchmark import metrics as schema
+from rm_runner.config import BenchmarkConfig, LoadProfile, ServerConfig
+from rm_runner.errors import ConfigError
+from rm_runner.pipeline.context import RunContext
+from rm_runner.requests import Request
+from rm_runner.rundir import METRICS
+
+log = logging.getLogger(__name__)
+
+RECORDS = "benchmark.jsonl"
+HTTP_PROFILES = {LoadProfile.synchronous, LoadProfile.concurrent, LoadProfile.poisson, LoadProfile.sweep}
+INPROCESS_PROFILES = {LoadProfile.batch, LoadProfile.synchronous}
+
+# One pass over the requests: (requests, rate, progress callback) -> (records, duration, extras)
+Send = Callable[[list[Request], Optional[float], Callable[[], None]], tuple[list[dict[str, Any]], float, dict[str, Any]]]
+
+
+class Benchmark:
+    def __init__(self, print_table: bool = True) -> None:
+        self.print_table = print_table
+
+    def __call__(self, ctx: RunContext) -> None:
+        cfg: BenchmarkConfig = OmegaConf.to_object(ctx.cfg.benchmark)
+        endpoint = ctx.engine.openai_endpoint()
+        target = cfg.target if cfg.target != "auto" else ("http" if endpoint else "engine")
+        if target == "http" and endpoint is None:
+            raise ConfigError("benchmark.target=http needs an engine that serves an OpenAI API")
+        over_http = target in ("http", "api")
+        allowed = HTTP_PROFILES if over_http else INPROCESS_PROFILES
+        if cfg.load.profile not in allowed:
+            hint = ("set benchmark.target=api to load rm_runner's API in front of this engine" if not over_http
+                    else "use concurrent with benchmark.load.concurrency=N for an offline-like batch")
+            raise ConfigError(f"benchmark.load.profile={cfg.load.profile.value} does not apply to the "
+                              f"{'HTTP' if over_http else 'in-process'} target "
+                              f"(allowed: {', '.join(sorted(p.value for p in allowed))}); {hint}")
+        section: dict[str, Any] = {"schema": schema.SCHEMA, "target": target, "profile": cfg.load.profile.value,
+                                   "requests": len(ctx.requests), "warmup": cfg.warmup,
+                                   "repetitions_requested": cfg.repetitions}
+        ctx.metrics["benchmark"] = section
+        if target == "engine":
+            _measure(ctx, cfg, _inprocess_sender(ctx, cfg), section)
+        elif target == "http":
+            base_url, model, key = endpoint
+            section["endpoint"] = base_url
+            _measure(ctx, cfg, _http_sender(base_url, model, key, ctx, cfg), section)
+        else:
+            _through_api(ctx, cfg, section)
+        section["memory"] = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+                             "device": ctx.engine.backend.device_memory()}
+        if self.print_table:
+            print(table(section), flush=True)
+
+
+def _inprocess_sender(ctx: RunContext, cfg: BenchmarkConfig) -> Send:
+    from rm_runner.benchmark import inprocess
+
+    def send(requests: list[Request], rate: Optional[float], tick: Callable[[], None]):
+        result = inprocess.run(ctx.engine, requests, ctx.generation, cfg.load.profile, tick)
+        extras: dict[str, Any] = {"measurement_s": round(result.measurement_s, 6),
+                                  "measurement_fraction": round(result.measurement_s / result.duration_s, 6)}
+        if result.prefill_s:
+            extras["prefill_s"] = schema.stats(result.prefill_s)
+            extras["decode_throughput"] = round(result.decode_tokens / result.decode_s, 3) if result.decode_s else None
+        return result.records, result.duration_s, extras
+
+    return send
+
+
+def _http_sender(base_url: str, model: str, key: str, ctx: RunContext, cfg: BenchmarkConfig,
+                 own_process: bool = False) -> Send:
+    from rm_runner.benchmark import http_load
+
+    load = http_load.run_in_subprocess if own_process else http_load.run
+
+    def send(requests: list[Request], rate: Optional[float], tick: Callable[[], None]):
+        profile = LoadProfile.poisson if cfg.load.profile == LoadProfile.sweep else cfg.load.profile
+        records, duration = load(base_url, model, key, requests, ctx.generation, profile,
+                                          cfg.load.concurrency, rate or cfg.load.rate, cfg.load.seed, tick)
+        return records, duration, {}
+
+    return send
+
+
+def _through_api(ctx: RunContext, cfg: BenchmarkConfig, section: dict[str, Any]) -> None:
+    from rm_runner.server.host import ApiServer
+
+    settings: ServerConfig = OmegaConf.to_object(ctx.cfg.server)
+    server = ApiServer(ctx.engine, ctx.model.name, ctx.model.max_model_len, settings, ctx.generation)
+    section["endpoint"] = server.url
+    try:
+        server.run(lambda url: _measure(ctx, cfg, _http_sender(url, server.name, server.api_key or "EMPTY", ctx, cfg,
+                                                               own_process=True), section))
+    finally:
+        section["server"] = server.summary()
+
+
+def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str, Any]) -> None:
+    requests = ctx.requests
+    if cfg.warmup:
+        began = time.perf_counter()
+        for _ in range(cfg.warmup):
+            send(requests[: min(4, len(requests))], None, lambda: None)
+        section["warmup_s"] = round(time.perf_counter() - began, 3)
+        log.info("warm-up: %d pass(es) in %.1f s (not measured)", cfg.warmup, section["warmup_s"])
+    rates: list[Optional[float]] = list(cfg.load.rates) if cfg.load.profile == LoadProfile.sweep else [None]
+    passes = [(rate, rep) for rate in rates for rep in range(cfg.repetitions)]
+    records: list[dict[str, Any]] = []
+    section["repetitions"] = []
+    with tqdm(total=len(passes) * len(requests), desc="benchmark", unit="req", dynamic_ncols=True) as bar:
+        for index, (rate, rep) in enumerate(passes):
+            bar.set_postfix_str(f"rate={rate}/s rep={rep + 1}" if rate else f"rep={rep + 1}/{cfg.repetitions}")
+            got, duration, extras = send(requests, rate, lambda: bar.update(1))
+            for record in got:
+                record.update(repetition=index, **({"rate": rate} if rate else {}))
+            records.extend(got)
+            figures = {"repetition": index, **({"rate": rate} if rate else {}),
+                       **schema.summarize_repetition(got, duration), **extras}
+            section["repetitions"].append(figures)
+            _aggregate(section, rates)
+            ctx.run_dir.write_jsonl(RECORDS, records)
+            ctx.run_dir.write_json(METRICS, ctx.metrics)
+            log.info("repetition %d%s: %.1f output tok/s, %d ok, %d failed", index + 1,
+                     f" at {rate} req/s" if rate else "", figures["output_throughput"] or 0,
+                     figures["completed"], figures["failed"])
+    overhead = sum(r.get("measurement_s", 0.0) for r in section["repetitions"])
+    if overhead:
+        measured = sum(r["duration_s"] for r in section["repetitions"])
+        section["measurement_overhead"] = {"seconds": round(overhead, 6), "fraction": round(overhead / measured, 6)}
+
+
+def _aggregate(section: dict[str, Any], rates: list[Optional[float]]) -> None:
+    reps = section["repetitions"]
+    if rates == [None]:
+        section["summary"] = schema.across(reps)
+    else:
+        section["by_rate"] = {str(rate): schema.across([r for r in reps if r.get("rate") == rate]) for rate in rates
+                              if any(r.get("rate") == rate for r in reps)}
+        section["summary"] = schema.across(reps)
+
+
+def table(section: dict[str, Any]) -> str:
+    """The headline figures as a Markdown table: mean ± stdev over the repetitions."""
+    lines = [f"benchmark ({section['target']}, {section['profile']}, {section['requests']} requests x "
+             f"{len(section.get('repetitions', []))} repetitions)", "", "| figure | mean | stdev |", "|---|---|---|"]
+    groups = section.get("by_rate") or {"": section.get("summary", {})}
+    for rate, summary in groups.items():
+        for name, value in summary.items():
+            label = f"{name} @ {rate} req/s" if rate else name
+            lines.append(f"| {label} | {value['mean']:.4g} | {value['stdev']:.2g} |")
+    return "\n".join(lines)

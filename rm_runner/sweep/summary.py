@@ -1,0 +1,183 @@
+"""The summary across a sweep's jobs: ``summary.csv``, ``summary.md`` and PNG plots.
+
+A Hydra callback (``on_multirun_end``), so it comes out the same whatever launcher ran the
+jobs: it reads the job directories under the sweep directory (each a run directory with
+``status.json``, ``overrides.json`` and ``metrics.json``), one row per job, or per job and rate
+under a rate sweep. Also ``python -m rm_runner.sweep.summary SWEEP_DIR`` to redraw it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+# Column: (title, how to read it from a job's metrics section).
+FIGURES = (
+    ("output tok/s", "output_throughput"),
+    ("±", "output_throughput:stdev"),
+    ("req/s", "request_throughput"),
+    ("TTFT p50 s", "ttft_s.p50"),
+    ("TPOT p50 s", "tpot_s.p50"),
+    ("E2EL p50 s", "e2el_s.p50"),
+)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        if any(r["status"] == "failed" for r in rows):
+            log.error("some jobs failed; see their status.json")
+            sys.exit(1)
+
+
+def job_rows(job: Path) -> list[dict[str, Any]]:
+    """One job's rows: its status and headline figures (one row per rate under a rate sweep)."""
+    status = _read(job / "status.json") or {}
+    metrics = _read(job / "metrics.json") or {}
+    overrides = _read(job / "overrides.json") or []
+    base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
+            "status": status.get("status", "unknown"), "reason": status.get("reason") or ""}
+    bench = metrics.get("benchmark") or {}
+    if bench.get("by_rate"):
+        return [{**base, "rate": float(rate), **_figures(summary)} for rate, summary in bench["by_rate"].items()]
+    if bench.get("summary"):
+        return [{**base, "rate": None, **_figures(bench["summary"])}]
+    # a generate run: its single throughput figure
+    return [{**base, "rate": None, "output tok/s": metrics.get("output_tokens_per_s"),
+             "req/s": metrics.get("requests_per_s")}]
+
+
+def _figures(summary: dict[str, Any]) -> dict[str, Optional[float]]:
+    row: dict[str, Optional[float]] = {}
+    for title, key in FIGURES:
+        name, _, stat = key.partition(":")
+        value = summary.get(name) or {}
+        row[title] = value.get(stat or "mean")
+    return row
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
+                  key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 1 << 30, p.name))
+    return [row for job in jobs for row in job_rows(job)]
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    from rm_runner.rundir import atomic_write_text
+
+    rows = collect(sweep_dir)
+    if not rows:
+        log.warning("no jobs under %s", sweep_dir)
+        return rows
+    columns = ["job", "overrides", "status", "reason", "rate", *[t for t, _ in FIGURES]]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "summary.csv", buffer.getvalue())
+    table = markdown(rows)
+    atomic_write_text(sweep_dir / "summary.md", table + "\n")
+    plots = draw(rows, sweep_dir)
+    print(f"\nsweep summary ({sweep_dir}):\n{table}\n" + "".join(f"plot: {p}\n" for p in plots), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    rated = any(r.get("rate") is not None for r in rows)
+    titles = ["job", "status", *(["rate"] if rated else []), *[t for t, _ in FIGURES], "reason"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in rows:
+        cells = [_cell(row.get(t)) for t in titles]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "/")
+
+
+def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """throughput.png and latency.png per job; latency_vs_throughput.png for rate sweeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rm_runner.rundir import atomic_write_bytes
+
+    done = [r for r in rows if r["status"] == "ok" and r.get("output tok/s") is not None]
+    if not done:
+        return []
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        buffer = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write_bytes(out / name, buffer.getvalue())
+        written.append(out / name)
+
+    single = [r for r in done if r.get("rate") is None]
+    if single:
+        labels = [r["overrides"] or r["job"] for r in single]
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(single)), 4))
+        ax.bar(labels, [r["output tok/s"] for r in single], yerr=[r.get("±") or 0 for r in single], capsize=4)
+        ax.set_ylabel("output tokens/s")
+        ax.set_title("throughput per job")
+        ax.tick_params(axis="x", rotation=20)
+        save(fig, "throughput.png")
+        latency = [t for t in ("TTFT p50 s", "TPOT p50 s", "E2EL p50 s") if any(r.get(t) for r in single)]
+        if latency:
+            fig, axes = plt.subplots(1, len(latency), figsize=(4 * len(latency), 4), squeeze=False)
+            for ax, title in zip(axes[0], latency):
+                ax.bar(labels, [r.get(title) or 0 for r in single])
+                ax.set_title(title)
+                ax.tick_params(axis="x", rotation=20)
+            save(fig, "latency.png")
+    rated = [r for r in done if r.get("rate") is not None]
+    if rated:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for job in dict.fromkeys(r["job"] for r in rated):
+            points = sorted((r for r in rated if r["job"] == job), key=lambda r: r["rate"])
+            ax.plot([p["output tok/s"] for p in points], [p.get("E2EL p50 s") for p in points], marker="o",
+                    label=points[0]["overrides"] or job)
+            for p in points:
+                ax.annotate(f"{p['rate']:g}/s", (p["output tok/s"], p.get("E2EL p50 s") or 0), fontsize=7)
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel("E2E latency p50 (s)")
+        ax.set_title("latency against throughput (request rate sweep)")
+        ax.legend(fontsize=7)
+        save(fig, "latency_vs_throughput.png")
+    return written
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python -m rm_runner.sweep.summary SWEEP_DIR")
+    write_summary(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
