@@ -69,7 +69,13 @@ def _figures(summary: dict[str, Any]) -> dict[str, Optional[float]]:
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
                   key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 1 << 30, p.name))
-    return [row for job in jobs for row in job_rows(job)]
+    rows = [row for job in jobs for row in job_rows(job)]
+    # Label each job by what sets it apart: the overrides not shared by every job of the sweep.
+    split = [row["overrides"].split() for row in rows]
+    common = set.intersection(*(set(s) for s in split)) if len(rows) > 1 else set()
+    for row, overrides in zip(rows, split):
+        row["label"] = " ".join(o for o in overrides if o not in common) or row["job"]
+    return rows
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -79,7 +85,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         log.warning("no jobs under %s", sweep_dir)
         return rows
-    columns = ["job", "overrides", "status", "reason", "rate", *[t for t, _ in FIGURES]]
+    columns = ["job", "label", "overrides", "status", "reason", "rate", *[t for t, _ in FIGURES]]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -94,7 +100,7 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     rated = any(r.get("rate") is not None for r in rows)
-    titles = ["job", "status", *(["rate"] if rated else []), *[t for t, _ in FIGURES], "reason"]
+    titles = ["label", "status", *(["rate"] if rated else []), *[t for t, _ in FIGURES], "reason"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         cells = [_cell(row.get(t)) for t in titles]
@@ -134,7 +140,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     single = [r for r in done if r.get("rate") is None]
     if single:
-        labels = [r["overrides"] or r["job"] for r in single]
+        labels = [r["label"] for r in single]
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(single)), 4))
         ax.bar(labels, [r["output tok/s"] for r in single], yerr=[r.get("±") or 0 for r in single], capsize=4)
         ax.set_ylabel("output tokens/s")
@@ -155,7 +161,7 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         for job in dict.fromkeys(r["job"] for r in rated):
             points = sorted((r for r in rated if r["job"] == job), key=lambda r: r["rate"])
             ax.plot([p["output tok/s"] for p in points], [p.get("E2EL p50 s") for p in points], marker="o",
-                    label=points[0]["overrides"] or job)
+                    label=points[0]["label"])
             for p in points:
                 ax.annotate(f"{p['rate']:g}/s", (p["output tok/s"], p.get("E2EL p50 s") or 0), fontsize=7)
         ax.set_xlabel("output tokens/s")
