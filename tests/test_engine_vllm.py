@@ -65,3 +65,22 @@ def test_server_killed_mid_run_fails_the_run_and_leaves_no_process(tmp_path: Pat
     assert "vllm server exited with code -9 during the run" in reason
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_benchmark_agrees_with_vllms_own_timing(tmp_path: Path) -> None:
+    """rm_runner's client-side figures beside vLLM's own per-request histograms, same requests."""
+    run = tmp_path / "bench"
+    result = cli("pipeline=benchmark", "engine=vllm", "model.dtype=float32", "workload.prompts=[]",
+                 "workload.synthetic.num_prompts=8", "workload.synthetic.input_tokens=32",
+                 "workload.synthetic.output_tokens=32", "generation.ignore_eos=true",
+                 "benchmark.load.profile=concurrent", "benchmark.load.concurrency=4", "benchmark.repetitions=2",
+                 f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((run / "metrics.json").read_text())["benchmark"]
+    assert bench["target"] == "http"  # auto: the engine serves an OpenAI API, so it is loaded over HTTP
+    reported = bench["server_reported"]
+    print(json.dumps(reported, indent=1))
+    assert reported["output_tokens"]["client"] == reported["output_tokens"]["server"] == 2 * 8 * 32
+    # The client sees the server's time plus HTTP and streaming: never less, and not much more.
+    for figure, (low, high) in {"ttft_s": (0.9, 1.6), "tpot_s": (0.8, 1.25), "e2el_s": (0.95, 1.2)}.items():
+        assert low <= reported[figure]["ratio"] <= high, (figure, reported[figure])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from dataclasses import replace
 import time
 from typing import Any, Callable, Optional
 
@@ -61,7 +62,7 @@ class Benchmark:
         elif target == "http":
             base_url, model, key = endpoint
             section["endpoint"] = base_url
-            _measure(ctx, cfg, _http_sender(base_url, model, key, ctx, cfg), section)
+            _measure(ctx, cfg, _http_sender(base_url, model, key, ctx, cfg), section, (base_url, key))
         else:
             _through_api(ctx, cfg, section)
         section["memory"] = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
@@ -103,17 +104,23 @@ def _http_sender(base_url: str, model: str, key: str, ctx: RunContext, cfg: Benc
 def _through_api(ctx: RunContext, cfg: BenchmarkConfig, section: dict[str, Any]) -> None:
     from rm_runner.server.host import ApiServer
 
-    settings: ServerConfig = OmegaConf.to_object(ctx.cfg.server)
+    # A free port: nothing outside this run talks to this server.
+    settings: ServerConfig = replace(OmegaConf.to_object(ctx.cfg.server), port=0)
     server = ApiServer(ctx.engine, ctx.model.name, ctx.model.max_model_len, settings, ctx.generation)
     section["endpoint"] = server.url
     try:
         server.run(lambda url: _measure(ctx, cfg, _http_sender(url, server.name, server.api_key or "EMPTY", ctx, cfg,
-                                                               own_process=True), section))
+                                                               own_process=True), section, (url, server.api_key)))
     finally:
         section["server"] = server.summary()
 
 
-def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str, Any]) -> None:
+def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str, Any],
+             server: Optional[tuple[str, Optional[str]]] = None) -> None:
+    """Warm-up, then every measured pass; with ``server`` (its URL and key), also what the server's
+    own metrics say about the measured requests (``server_reported``)."""
+    from rm_runner.benchmark import server_metrics
+
     requests = ctx.requests
     if cfg.warmup:
         began = time.perf_counter()
@@ -125,6 +132,7 @@ def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[st
     passes = [(rate, rep) for rate in rates for rep in range(cfg.repetitions)]
     records: list[dict[str, Any]] = []
     section["repetitions"] = []
+    before = server_metrics.snapshot(*server) if server else None
     with tqdm(total=len(passes) * len(requests), desc="benchmark", unit="req", dynamic_ncols=True) as bar:
         for index, (rate, rep) in enumerate(passes):
             bar.set_postfix_str(f"rate={rate}/s rep={rep + 1}" if rate else f"rep={rep + 1}/{cfg.repetitions}")
@@ -141,6 +149,10 @@ def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[st
             log.info("repetition %d%s: %.1f output tok/s, %d ok, %d failed", index + 1,
                      f" at {rate} req/s" if rate else "", figures["output_throughput"] or 0,
                      figures["completed"], figures["failed"])
+    after = server_metrics.snapshot(*server) if before else None
+    if before and after:
+        section["server_reported"] = server_metrics.agreement(before, after, records)
+        ctx.run_dir.write_json(METRICS, ctx.metrics)
     overhead = sum(r.get("measurement_s", 0.0) for r in section["repetitions"])
     if overhead:
         measured = sum(r["duration_s"] for r in section["repetitions"])
@@ -166,4 +178,14 @@ def table(section: dict[str, Any]) -> str:
         for name, value in summary.items():
             label = f"{name} @ {rate} req/s" if rate else name
             lines.append(f"| {label} | {value['mean']:.4g} | {value['stdev']:.2g} |")
+    reported = section.get("server_reported")
+    if reported:
+        lines += ["", f"against the server's own metrics ({section.get('endpoint')}), means over the same requests:",
+                  "", "| figure | client | server | client/server |", "|---|---|---|---|"]
+        for name, row in reported.items():
+            if "client_mean" in row:
+                ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else ""
+                lines.append(f"| {name} | {row['client_mean']} | {row['server_mean']} | {ratio} |")
+            else:
+                lines.append(f"| {name} | {row['client']} | {row['server']} | |")
     return "\n".join(lines)
