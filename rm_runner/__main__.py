@@ -7,6 +7,7 @@ stay fast and never import torch.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -28,19 +29,34 @@ def _task(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from pathlib import Path
-
         from rm_runner.sweep.job import run_isolated
 
         run_isolated(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), hydra_cfg.job.num)
         return
+    from rm_runner.errors import ConfigError
+    from rm_runner.reexec import interpreter, run_with
+    from rm_runner.rundir import RunDir
+
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        python = interpreter(cfg)
+    except ConfigError as exc:
+        RunDir(hydra_cfg.runtime.output_dir).set_status("failed", str(exc), error="ConfigError")
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if python is not None:
+        sys.exit(run_with(python, overrides, Path(hydra_cfg.runtime.output_dir)))
+    try:
+        run(cfg, hydra_cfg.runtime.output_dir, overrides)
     except RunnerError:
         sys.exit(1)  # already logged as one line, and recorded in status.json
 
 
 def main() -> None:
+    if "--dry-run" in sys.argv[1:]:
+        from rm_runner.plan import main as plan
+
+        sys.exit(plan([a for a in sys.argv[1:] if a != "--dry-run"]))
     _task()
 
 

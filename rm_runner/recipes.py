@@ -208,7 +208,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
     return compose(config_name="config", overrides=[f"+{GROUP}={name}", *overrides], return_hydra_config=True)
 
 
-def _check_job(cfg: DictConfig) -> None:
+def check_job(cfg: DictConfig) -> None:
     """What the runner does before loading anything: validate, then check every `_target_`."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -220,7 +220,7 @@ def _check_job(cfg: DictConfig) -> None:
         check_target(section, node)
 
 
-def _message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     """One line naming the key: Hydra's composition errors are several lines with the key last."""
     if isinstance(exc, ConfigError):
         return str(exc)
@@ -249,15 +249,15 @@ def validate_recipe(recipe: Recipe, search_overrides: list[str]) -> Optional[str
         cfg = _compose(recipe.name, search_overrides)
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
         jobs = sweep_jobs({str(k): str(v) for k, v in params.items()}) if params else []
-        _check_job(cfg)
+        check_job(cfg)
     except Exception as exc:  # anything composition raises is the recipe's fault: report it
-        return _message(exc)
+        return error_message(exc)
     failures = []
     for job in jobs:
         try:
-            _check_job(_compose(recipe.name, [*search_overrides, *job]))
+            check_job(_compose(recipe.name, [*search_overrides, *job]))
         except Exception as exc:
-            failures.append(f"[{' '.join(job)}] {_message(exc)}")
+            failures.append(f"[{' '.join(job)}] {error_message(exc)}")
     if failures:
         extra = len(failures) - 1
         return failures[0] + (f" (and {extra} more failing job{'s' if extra > 1 else ''})" if extra else "")

@@ -102,6 +102,8 @@ def test_sweep_over_devices_skips_the_missing_ones_and_resumes(tmp_path: Path) -
         assert (tmp_path / "sweep" / name).stat().st_size > 0, name
     cpu_job = next((tmp_path / "sweep").glob("0_*"))
     done = (cpu_job / "metrics.json").read_bytes()
+    planned = cli("--dry-run", *args, cwd=tmp_path)
+    assert planned.returncode == 0 and "already completed" in planned.stdout  # the plan sees it too
     second = cli(*args, cwd=tmp_path)
     assert second.returncode == 0
     assert "already completed" in second.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from rm_runner.config import check_options
 
@@ -44,6 +44,10 @@ class VLLMServerSettings:
 class BackendOptions:
     """Options common to every backend; each backend extends this with its own."""
 
+    # The interpreter (a venv's bin/python) that jobs on this device run in, for SDKs whose
+    # pins conflict with the rest; the run re-executes itself with it. null: this one.
+    python: Optional[str] = None
+
 
 class Backend(ABC):
     """One device kind. Registered under the entry-point group ``rm_runner.backends``."""
@@ -52,6 +56,8 @@ class Backend(ABC):
     # NPU 400 > GPU 300 > PIM 200 > CPU 100 > Remote 0: `device=auto` takes the highest available.
     priority: ClassVar[int]
     options_class: ClassVar[type] = BackendOptions
+    # How to get a vLLM that serves this device (engine=vllm); "" when vLLM cannot.
+    vllm_install: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
         self.options = check_options(self.options_class, options, section="device")

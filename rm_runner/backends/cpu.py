@@ -51,6 +51,7 @@ class CPUBackend(TransformersTorchBackend):
     name = "cpu"
     priority = 100
     options_class = CPUOptions
+    vllm_install = INSTALL_VLLM_CPU
     # bfloat16 runs everywhere but is only fast with native bf16 (AVX512-BF16 / AMX).
     supported_dtypes = ("float32", "bfloat16")
     default_dtype = "float32"

@@ -41,6 +41,7 @@ class GPUBackend(TransformersTorchBackend):
     name = "gpu"
     priority = 300
     options_class = GPUOptions
+    vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
     supported_dtypes = ("bfloat16", "float16", "float32")
     default_dtype = "bfloat16"
 

@@ -84,6 +84,7 @@ class RBLNBackend(Backend):
     name = "rbln"
     priority = 400
     options_class = RBLNOptions
+    vllm_install = INSTALL_VLLM_RBLN
 
     @classmethod
     def is_available(cls) -> Availability:

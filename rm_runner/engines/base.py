@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from rm_runner.backends.base import Availability
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.requests import Completion, Request
 
@@ -26,6 +27,12 @@ class Engine(ABC):
     name: ClassVar[str]
     # Where a server's own logs go: the run directory (set by the runner before start()).
     log_dir: Path | None = None
+
+    @classmethod
+    def check_environment(cls, python: str, backend_cls: type) -> Availability:
+        """Can this engine serve ``backend_cls``'s device with the interpreter ``python`` (its
+        ``engine.python``)? Cheap, loads nothing; ``start`` fails with the same words."""
+        return Availability(True)
 
     @abstractmethod
     def start(self) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from rm_runner.backends.base import Backend
+from rm_runner import pyenv
+from rm_runner.backends.base import Availability, Backend
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
@@ -58,6 +59,10 @@ class TorchServeClient:
         self.http.close()
 
 
+INSTALL = ("python3 -m venv .venv-torchserve && .venv-torchserve/bin/pip install torch==2.13.0 "
+           "'rm-runner[torchserve]'; then engine.python=.venv-torchserve/bin/python")
+
+
 class TorchServeEngine(ServedEngine):
     name = "torchserve"
 
@@ -82,13 +87,22 @@ class TorchServeEngine(ServedEngine):
     def start(self) -> None:
         for key, port in self.ports.items():
             self.ports[key] = claim_port(self.host, port, key=f"engine.{key}")
-        missing = [t for t in ("torchserve", "torch-model-archiver") if not self._tool(t).exists()]
-        if missing:
-            raise EngineError(f"{' and '.join(missing)} not found beside engine.python={self.python}; "
-                              "make the TorchServe venv (README: engines) and point engine.python at it")
-        if shutil.which("java") is None:
-            raise EngineError("TorchServe needs Java 17 (java not found on PATH): apt-get install openjdk-17-jre-headless")
+        found = self.check_environment(self.python, type(self.backend))
+        if not found:
+            raise EngineError(f"{found.reason}. Fix: {found.fix}")
         self._started = True
+
+    @classmethod
+    def check_environment(cls, python: str, backend_cls: type) -> Availability:
+        if not pyenv.exists(python):
+            return Availability(False, f"engine.python={python} does not exist", INSTALL)
+        missing = [t for t in ("torchserve", "torch-model-archiver") if not (Path(python).parent / t).exists()]
+        if missing:
+            return Availability(False, f"{' and '.join(missing)} not found beside engine.python={python}", INSTALL)
+        if shutil.which("java") is None:
+            return Availability(False, "TorchServe needs Java 17 (java not found on PATH)",
+                                "apt-get install openjdk-17-jre-headless")
+        return Availability(True)
 
     def _write_model_archive(self, work: Path, path: Path, config: ModelConfig) -> None:
         atomic_write_text(work / "spec.json", json.dumps(self.model_spec(path, config), indent=2) + "\n")

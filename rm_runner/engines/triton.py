@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rm_runner.backends.base import Backend
+from rm_runner import pyenv
+from rm_runner.backends.base import Availability, Backend
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
@@ -74,8 +75,24 @@ class TritonClient:
         return torch.from_numpy(result.as_numpy("sequences"))
 
 
+INSTALL = ("python3 -m venv .venv-triton && .venv-triton/bin/pip install torch==2.13.0 'rm-runner[triton]' "
+           "(PyTriton pins numpy<2); then run .venv-triton/bin/python -m rm_runner engine=triton")
+
+
 class TritonEngine(ServedEngine):
     name = "triton"
+
+    @classmethod
+    def check_environment(cls, python: str, backend_cls: type) -> Availability:
+        if vllm_backend_installed():
+            return Availability(True)  # tritonserver with its vLLM backend (engine.server=auto picks it)
+        if not pyenv.exists(python):
+            return Availability(False, f"engine.python={python} does not exist", INSTALL)
+        missing = pyenv.has_modules(python, "pytriton", "tritonclient")
+        if missing:
+            return Availability(False, f"engine.python={python} lacks {' and '.join(missing)} "
+                                       "(nvidia-pytriton, tritonclient)", INSTALL)
+        return Availability(True)
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
@@ -109,12 +126,9 @@ class TritonEngine(ServedEngine):
                                   "(e.g. NVIDIA's tritonserver vllm container); none found on PATH")
             self._started = True
             return
-        probe = "import importlib.util as u, sys; sys.exit(u.find_spec('pytriton') is None or u.find_spec('tritonclient') is None)"
-        if subprocess.run([self.python, "-c", probe], capture_output=True).returncode != 0:
-            raise EngineError(
-                f"engine.python={self.python} lacks nvidia-pytriton or tritonclient; make the Triton venv "
-                "(README: engines) and point engine.python at it"
-            )
+        found = self.check_environment(self.python, type(self.backend))
+        if not found:
+            raise EngineError(f"{found.reason}. Fix: {found.fix}")
         if self.python != sys.executable:
             raise EngineError("engine=triton's client runs in the same venv as its server: "
                               f"run rm_runner with {self.python} -m rm_runner")

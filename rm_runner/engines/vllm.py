@@ -8,11 +8,11 @@ folder on an NPU. ``engine.python`` names the interpreter whose venv has that vL
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from rm_runner.backends.base import Backend
+from rm_runner import pyenv
+from rm_runner.backends.base import Availability, Backend
 from rm_runner.backends.remote import RemoteBackend
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
@@ -37,16 +37,23 @@ class VLLMServerEngine(ServedEngine):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "port": self.port}
 
+    @classmethod
+    def check_environment(cls, python: str, backend_cls: type) -> Availability:
+        if backend_cls.vllm_server_settings is Backend.vllm_server_settings:
+            return Availability(False, f"engine=vllm does not run device={backend_cls.name}", "use engine=local")
+        if not pyenv.exists(python):
+            return Availability(False, f"engine.python={python} does not exist", backend_cls.vllm_install)
+        if pyenv.has_modules(python, "vllm"):
+            return Availability(False, f"engine.python={python} has no vllm; point engine.python at the venv "
+                                       "that has it (e.g. .venv-vllm/bin/python)", backend_cls.vllm_install)
+        return Availability(True)
+
     def start(self) -> None:
         """Check the port is free and the interpreter has vLLM; the server starts with the model."""
         self.port = claim_port(self.host, self.port)
-        found = subprocess.run([self.python, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
-                               capture_output=True)
-        if found.returncode != 0:
-            raise EngineError(
-                f"engine.python={self.python} has no vllm; point engine.python at the venv that has it "
-                "(e.g. .venv-vllm/bin/python, see the README)"
-            )
+        found = self.check_environment(self.python, type(self.backend))
+        if not found:
+            raise EngineError(f"{found.reason}. Fix: {found.fix}")
         self._started = True
 
     def load_model(self, path: Path, config: ModelConfig) -> None:

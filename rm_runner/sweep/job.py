@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rm_runner.reexec import run_with
 from rm_runner.rundir import CONFIG, STATUS, RunDir
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,8 @@ def run_isolated(cfg: DictConfig, job_dir: Path, overrides: list[str], job_num: 
                  job_num, " ".join(overrides) or "defaults", job_dir)
         return "done before"
     args = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS]
-    quoted = str(job_dir).replace("\\", "\\\\").replace("'", "\\'")  # override grammar: = and , need quotes
-    cmd = [sys.executable, "-m", "rm_runner", *args, "on_unavailable=skip", f"hydra.run.dir='{quoted}'"]
     log.info("job %d (%s): running in its own process", job_num, " ".join(args) or "defaults")
-    proc = subprocess.Popen(cmd)
-    try:
-        code = proc.wait()
-    except BaseException:  # Ctrl-C / SIGTERM of the sweep: the job goes too
-        proc.terminate()
-        proc.wait()
-        raise
+    code = run_with(sys.executable, [*args, "on_unavailable=skip"], job_dir)
     status = _status(job_dir)
     if code != 0 and status.get("status") in (None, "running"):  # it died before it could say why
         status = {"status": "failed", "reason": f"the job process exited with {code}; see its output above"}

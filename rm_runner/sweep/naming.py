@@ -1,18 +1,28 @@
 """Where a sweep writes: ``outputs/sweeps/<its command line>``, so the same sweep run again lands
-in the same directory and finds its finished jobs (see ``sweep/job.py``)."""
+in the same directory and finds its finished jobs (see ``sweep/job.py``).
+
+The name is computed once, in the process that launches the sweep, from its command line, and
+cached in the config (OmegaConf's resolver cache); Hydra copies that cache into every job's
+config, so jobs that resolve ``hydra.sweep.dir`` elsewhere (submitit, Ray) agree with it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+import sys
+from typing import Optional
 
 from omegaconf import OmegaConf
 
+# Hydra's own flags that take a value; neither they nor their values are overrides.
+_FLAGS_WITH_VALUES = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp",
+                      "--experimental-rerun", "--package", "-p"}
 
-def sweep_name(overrides: Any) -> str:
-    """A readable, filesystem-safe name for a sweep's command-line overrides (order kept out)."""
-    items = sorted(str(o) for o in (overrides or []) if not str(o).startswith(("hydra.", "sweep.force")))
+
+def sweep_name(overrides: list[str]) -> str:
+    """A readable, filesystem-safe name for a sweep's overrides (their order kept out)."""
+    items = sorted(o for o in overrides if not o.startswith(("hydra.", "hydra/", "sweep.force")))
     text = "_".join(items) or "defaults"
     safe = re.sub(r"[^A-Za-z0-9=,.+-]+", "-", text).strip("-")
     if len(safe) > 80:
@@ -20,17 +30,19 @@ def sweep_name(overrides: Any) -> str:
     return safe
 
 
-_first: list[str] = []
-
-
-def _sweep_dir_name(overrides: Any) -> str:
-    """The name computed from the sweep's overrides, kept for the process: the launcher resolves
-    ``hydra.sweep.dir`` with the sweep's overrides first, each job later with its own."""
-    if not _first:
-        _first.append(sweep_name(overrides))
-    return _first[0]
+def command_line_overrides(argv: Optional[list[str]] = None) -> list[str]:
+    args, skip = [], False
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if skip:
+            skip = False
+        elif arg in _FLAGS_WITH_VALUES:
+            skip = True
+        elif not arg.startswith("-"):
+            args.append(arg)
+    return args
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("rm_runner.sweep_name"):
-        OmegaConf.register_new_resolver("rm_runner.sweep_name", _sweep_dir_name)
+        OmegaConf.register_new_resolver("rm_runner.sweep_name", lambda: sweep_name(command_line_overrides()),
+                                        use_cache=True)

