@@ -88,7 +88,8 @@ def _judge(cfg: DictConfig, multirun: bool, sweep_dir: Optional[Path], num: int,
     from rm_runner.sweep.job import _completed
 
     if multirun and sweep_dir is not None:
-        kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS)
+        kept = sorted(o for o in overrides  # Hydra's ${hydra.job.override_dirname}: task overrides only
+                      if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS and not o.startswith(("hydra.", "hydra/")))
         job_dir = sweep_dir / f"{num}_{','.join(kept)}"
         if not cfg.sweep.force and _completed(cfg, job_dir):
             return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
