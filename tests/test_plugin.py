@@ -68,7 +68,7 @@ def test_plugin_is_chosen_by_name_with_options(plugin_env, tmp_path: Path) -> No
                "generation.max_new_tokens=2", f"hydra.run.dir={tmp_path}", env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert backend_of(tmp_path) == {"name": "fakenpu", "options": {
-        "num_threads": 1, "mode": "pytorch", "kv_cache_space_gib": 1, "reserved_cpus": 0, "enforce_eager": True,
+        "python": None, "num_threads": 1, "mode": "pytorch", "kv_cache_space_gib": 1, "reserved_cpus": 0, "enforce_eager": True,
         "onednn_linear": True}}
 
 

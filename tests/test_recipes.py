@@ -90,7 +90,7 @@ def test_user_sweep_recipe_is_listed_and_every_job_composed(tmp_path: Path,
     [
         ("generation:\n  max_new_token: 4\n",
          "generation.max_new_token: Key 'max_new_token' not in 'GenerationConfig'"),
-        ("device:\n  num_thread: 4\n", "device.num_thread: unknown option; valid options are: num_threads,"),
+        ("device:\n  num_thread: 4\n", "device.num_thread: unknown option; valid options are: python, num_threads,"),
         ("engine:\n  batchsize: 4\n", "engine.batchsize: unknown option for rm_runner.engines.local.LocalEngine"),
         ("pipeline:\n  steps:\n    - _target_: rm_runner.pipeline.generate.Generat\n",
          "pipeline.steps[0]._target_: rm_runner.pipeline.generate.Generat not found"),
