@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
