@@ -90,28 +90,105 @@ class RemoteBackend(Backend):
         """(base URL, served model name, API key): what a load generator needs to reach the server."""
         return self.options.base_url, model.served_name, os.environ.get(self.options.api_key_env) or "EMPTY"
 
-    def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any]) -> list[int]:
+    def streams(self, model: Any) -> bool:
+        """The server streams tokens (vLLM's ``return_token_ids`` names them), so rows can be
+        followed step by step and cancelled early."""
+        return isinstance(model, RemoteModel)
+
+    @staticmethod
+    def _request(model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any], stream: bool) -> dict[str, Any]:
         sample = bool(kwargs.get("do_sample"))
         extra: dict[str, Any] = {"return_token_ids": True, "skip_special_tokens": False}
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             extra["ignore_eos"] = True
         if sample and kwargs.get("top_k"):
             extra["top_k"] = kwargs["top_k"]
-        response = model.client.completions.create(
-            model=model.served_name, prompt=prompt_ids, max_tokens=kwargs.get("max_new_tokens", 16),
-            temperature=(kwargs.get("temperature") or 1.0) if sample else 0.0,
-            top_p=(kwargs.get("top_p") or 1.0) if sample else 1.0, seed=kwargs.get("seed"), extra_body=extra,
-        )
+        return dict(model=model.served_name, prompt=prompt_ids, max_tokens=kwargs.get("max_new_tokens", 16),
+                    temperature=(kwargs.get("temperature") or 1.0) if sample else 0.0,
+                    top_p=(kwargs.get("top_p") or 1.0) if sample else 1.0, seed=kwargs.get("seed"),
+                    extra_body=extra, stream=stream)
+
+    def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any]) -> list[int]:
+        response = model.client.completions.create(**self._request(model, prompt_ids, kwargs, stream=False))
         choice = response.choices[0]
         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
         if ids is None:  # a server that returns text only
             ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
         return list(ids)
 
+    def _stream_rows(self, model: RemoteModel, prompts: list[list[int]], kwargs: dict[str, Any],
+                     criteria: Any) -> list[list[int]]:
+        """Every row as its own streamed request; tokens are handed to ``criteria`` a step at a time
+        (a step: each running row's next token), and a row it stops is closed, which ends it on the
+        server too."""
+        import queue
+        import threading
+
+        import torch
+
+        pad = kwargs.get("pad_token_id")
+        pad = pad if pad is not None else model.tokenizer.pad_token_id or 0
+        rows = len(prompts)
+        queues: list[queue.Queue] = [queue.Queue() for _ in prompts]
+        stop = [threading.Event() for _ in prompts]
+
+        def follow(row: int) -> None:
+            try:
+                stream = model.client.completions.create(**self._request(model, prompts[row], kwargs, stream=True))
+                with stream:
+                    for chunk in stream:
+                        for choice in chunk.choices:
+                            ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
+                            if ids is None and choice.text:
+                                ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
+                            for token in ids or ():
+                                queues[row].put(token)
+                        if stop[row].is_set():
+                            return
+            except Exception as exc:  # handed to the stepping thread
+                queues[row].put(exc)
+            finally:
+                queues[row].put(None)
+
+        threads = [threading.Thread(target=follow, args=(row,), daemon=True) for row in range(rows)]
+        for thread in threads:
+            thread.start()
+        new: list[list[int]] = [[] for _ in prompts]
+        running = [True] * rows
+        try:
+            while any(running):
+                tokens = []
+                for row in range(rows):
+                    token = queues[row].get() if running[row] else None
+                    if isinstance(token, Exception):
+                        raise RunnerError(f"{self.options.base_url}: streaming failed: {token}") from token
+                    if token is None:
+                        running[row] = False
+                        tokens.append(pad)
+                    else:
+                        new[row].append(token)
+                        tokens.append(token)
+                if not any(running):
+                    break
+                done = criteria(torch.tensor(tokens)[:, None], None)
+                for row, finished in enumerate(done.tolist()):
+                    if finished and running[row]:
+                        running[row] = False
+                        stop[row].set()
+        finally:
+            for event in stop:
+                event.set()
+        return new
+
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         if method == "forward":
             raise RunnerError("device=remote returns tokens, not logits")
         prompts = prompt_token_lists(inputs)
+        criteria = kwargs.pop("stopping_criteria", None)
+        if criteria is not None:
+            new = self._stream_rows(model, prompts, kwargs, criteria)
+            pad = kwargs.get("pad_token_id")
+            return generate_output(inputs["input_ids"], new, pad if pad is not None else model.tokenizer.pad_token_id or 0)
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
             new = list(pool.map(lambda p: self._complete(model, p, kwargs), prompts))
         pad = kwargs.get("pad_token_id")
