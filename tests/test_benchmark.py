@@ -79,6 +79,7 @@ def test_load_profiles_through_the_api(tiny) -> None:
     by_rate = sweep.read_json("metrics.json")["benchmark"]["by_rate"]
     assert set(by_rate) == {"50.0", "200.0"}
     assert {r["rate"] for r in sweep.read_jsonl("benchmark.jsonl")} == {50.0, 200.0}
+    assert (sweep.path / "latency_vs_throughput.png").stat().st_size > 0
 
 
 def test_a_profile_the_target_cannot_do_names_the_fix(tiny) -> None:

@@ -48,13 +48,18 @@ def job_rows(job: Path) -> list[dict[str, Any]]:
     base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
             "status": status.get("status", "unknown"), "reason": status.get("reason") or ""}
     bench = metrics.get("benchmark") or {}
-    if bench.get("by_rate"):
-        return [{**base, "rate": float(rate), **_figures(summary)} for rate, summary in bench["by_rate"].items()]
     if bench.get("summary"):
-        return [{**base, "rate": None, **_figures(bench["summary"])}]
+        return benchmark_rows(bench, base)
     # a generate run: its single throughput figure
     return [{**base, "rate": None, "output tok/s": metrics.get("output_tokens_per_s"),
              "req/s": metrics.get("requests_per_s")}]
+
+
+def benchmark_rows(bench: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """A benchmark section's rows: one per rate under a rate sweep, else one."""
+    if bench.get("by_rate"):
+        return [{**base, "rate": float(rate), **_figures(summary)} for rate, summary in bench["by_rate"].items()]
+    return [{**base, "rate": None, **_figures(bench.get("summary") or {})}]
 
 
 def _figures(summary: dict[str, Any]) -> dict[str, Optional[float]]:
