@@ -37,7 +37,8 @@ def test_torchserve_answers_like_the_local_engine_and_binds_loopback_only(tmp_pa
 
 
 def test_the_api_serves_through_torchserve(tmp_path: Path) -> None:
-    """pipeline=serve engine=torchserve: OpenAI clients reach a model that TorchServe runs."""
+    """pipeline=serve engine=torchserve: OpenAI clients reach a model that TorchServe runs, streamed
+    requests through TorchServe's intermediate responses, a step at a time."""
     import openai
 
     from tests.conftest import Server
@@ -58,6 +59,7 @@ def test_the_api_serves_through_torchserve(tmp_path: Path) -> None:
         code, _, err = server.stop()
     assert answer.choices[0].message.content == expected["text"]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # streamed step by step
     assert code == 0, err[-3000:]
     engine = json.loads((tmp_path / "serve" / "metrics.json").read_text())["engine"]
     assert engine["name"] == "torchserve" and (tmp_path / "serve" / "torchserve").is_dir()

@@ -58,3 +58,28 @@ def test_sigterm_to_the_run_stops_the_server_and_records_it(tmp_path: Path) -> N
     assert "interrupted (signal SIGTERM)" in json.loads((tmp_path / "status.json").read_text())["reason"]
     gone, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_the_api_streams_through_tritons_decoupled_model(tmp_path: Path) -> None:
+    """pipeline=serve engine=triton: streamed requests follow the decoupled <model>_stream step by step."""
+    import openai
+
+    from tests.conftest import Server
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    local = cli("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.1.print_outputs=false",
+                "workload.prompts=['What is the capital of France?']", f"hydra.run.dir={tmp_path}/local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = json.loads((tmp_path / "local" / "generations.jsonl").read_text().splitlines()[0])["text"]
+    server = Server(tmp_path / "serve", "engine=triton", "model.dtype=float32")
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
+            model="smollm2-135m", messages=question, max_tokens=16, temperature=0, stream=True)
+            if c.choices and c.choices[0].delta.content]
+        whole = client.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=16, temperature=0)
+    finally:
+        code, _, err = server.stop()
+    assert len(chunks) > 3 and "".join(chunks) == expected == whole.choices[0].message.content
+    assert code == 0, err[-2000:]
+    assert "rm_runner_stream" in (tmp_path / "serve" / "triton-server.log").read_text()

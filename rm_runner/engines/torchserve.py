@@ -19,6 +19,7 @@ import httpx
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
+from rm_runner.backends.hf_form import generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
@@ -32,7 +33,8 @@ from rm_runner.engines.torchserve_handler import handle  # noqa: F401
 
 
 class TorchServeClient:
-    """The executor: one POST per padded batch to /predictions/NAME, ``generate()``'s sequences back."""
+    """The executor: one POST per padded batch to /predictions/NAME, ``generate()``'s sequences back;
+    a batch followed step by step is streamed (one JSON line per step, see the handler)."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self.url = url
@@ -46,14 +48,43 @@ class TorchServeClient:
 
         if method == "forward":
             raise EngineError("engine=torchserve returns tokens, not logits")
+        criteria = kwargs.pop("stopping_criteria", None)
         mask = inputs.get("attention_mask")
         body = {"input_ids": inputs["input_ids"].tolist(),
                 "attention_mask": (torch.ones_like(inputs["input_ids"]) if mask is None else mask).tolist(),
                 "generate": kwargs}
+        if criteria is not None:
+            return self._stream(inputs, body, criteria, kwargs.get("pad_token_id") or 0)
         response = self.http.post(self.url, json=body)
         if response.status_code != 200:
             raise EngineError(f"torchserve answered {response.status_code}: {response.text[:500]}")
         return torch.tensor(response.json()["sequences"])
+
+    def streams(self, model: Any) -> bool:
+        return True
+
+    def _stream(self, inputs: dict[str, Any], body: dict[str, Any], criteria: Any, pad: int) -> Any:
+        import torch
+
+        rows = len(body["input_ids"])
+        new: list[list[int]] = [[] for _ in range(rows)]
+        running = [True] * rows
+        with self.http.stream("POST", self.url, json={**body, "stream": True}) as response:
+            if response.status_code != 200:
+                raise EngineError(f"torchserve answered {response.status_code}: {response.read()[:500]!r}")
+            for line in response.iter_lines():
+                step = json.loads(line) if line.strip() else {}
+                if "tokens" not in step:
+                    continue  # the final {"done": true}
+                tokens = torch.tensor(step["tokens"])
+                for row, token in enumerate(step["tokens"]):
+                    if running[row]:
+                        new[row].append(token)
+                done = criteria(tokens[:, None], None).tolist()
+                running = [r and not d for r, d in zip(running, done)]
+                if not any(running):
+                    break
+        return generate_output(inputs["input_ids"], new, pad)
 
     def close(self) -> None:
         self.http.close()

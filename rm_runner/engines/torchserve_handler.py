@@ -3,6 +3,9 @@
 It rebuilds the selected device's backend from ``spec.json`` (packed into the .mar by
 rm_runner), prepares the model on it, and answers each request, a JSON body with a
 left-padded batch of token ids and ``generate()`` keywords, with ``generate()``'s sequences.
+A request with ``"stream": true`` is answered step by step instead: one intermediate response
+(TorchServe's streaming, HTTP chunks) per decoding step with every row's new token, one JSON
+line each, then a final ``{"done": true}``.
 """
 
 from __future__ import annotations
@@ -44,9 +47,28 @@ class RMRunnerHandler:
             if isinstance(body, (bytes, bytearray)):
                 body = json.loads(body)
             inputs = {"input_ids": torch.tensor(body["input_ids"]), "attention_mask": torch.tensor(body["attention_mask"])}
+            if body.get("stream"):
+                self.backend.execute(self.model, inputs, stopping_criteria=_stepper(context), **body["generate"])
+                answers.append({"done": True})
+                continue
             output = self.backend.execute(self.model, inputs, **body["generate"])
             answers.append({"sequences": getattr(output, "sequences", output).cpu().tolist()})
         return answers
+
+
+def _stepper(context: Any) -> Any:
+    """Stopping criteria that send each step's tokens to the client as an intermediate response."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
+    class Step(StoppingCriteria):
+        def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
+            line = json.dumps({"tokens": ids[:, -1].tolist()}) + "\n"
+            send_intermediate_predict_response([line], context.request_ids, "step", 200, context)
+            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+    return StoppingCriteriaList([Step()])
 
 
 _service = RMRunnerHandler()

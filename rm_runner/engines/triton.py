@@ -18,6 +18,7 @@ from typing import Any
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
+from rm_runner.backends.hf_form import generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
@@ -28,32 +29,36 @@ log = logging.getLogger(__name__)
 
 
 class TritonClient:
-    """The executor: one Triton request per padded batch, ``generate()``-shaped sequences back."""
+    """The executor: one Triton request per padded batch, ``generate()``-shaped sequences back; a
+    batch that is followed step by step goes to the decoupled ``<model>_stream`` over gRPC."""
 
-    def __init__(self, url: str, model_name: str, timeout_s: float) -> None:
+    def __init__(self, url: str, model_name: str, timeout_s: float, grpc_url: str | None = None) -> None:
         import tritonclient.http as httpclient
 
         self.client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s, connection_timeout=timeout_s)
         self.model_name = model_name
+        self.timeout_s = timeout_s
+        stream_model = f"{model_name}_stream"
+        self.grpc_url = grpc_url if grpc_url and self.client.is_model_ready(stream_model) else None
 
     def prepare_model(self, path: Any, config: Any) -> str:
         return self.model_name
+
+    def streams(self, model: Any) -> bool:
+        return self.grpc_url is not None
 
     def close(self) -> None:
         """Close the keep-alive connection; tritonserver waits for open connections before it exits."""
         self.client.close()
 
-    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+    @staticmethod
+    def _arrays(inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The request's tensors: token ids, mask, and each generation parameter as a column."""
         import numpy as np
-        import torch
-        import tritonclient.http as httpclient
 
-        if method == "forward":
-            raise EngineError("engine=triton returns tokens, not logits")
         ids = inputs["input_ids"].cpu().numpy().astype(np.int64)
         mask = inputs.get("attention_mask")
         mask = np.ones_like(ids) if mask is None else mask.cpu().numpy().astype(np.int64)
-        rows = len(ids)
         params = {
             "max_new_tokens": (np.int64, kwargs.get("max_new_tokens", 16)),
             "do_sample": (np.bool_, bool(kwargs.get("do_sample"))),
@@ -63,15 +68,48 @@ class TritonClient:
             "seed": (np.int64, kwargs.get("seed") or 0),
             "ignore_eos": (np.bool_, "eos_token_id" in kwargs and kwargs["eos_token_id"] is None),
         }
+        return {"input_ids": ids, "attention_mask": mask,
+                **{name: np.full((len(ids), 1), value, dtype=kind) for name, (kind, value) in params.items()}}
+
+    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        import numpy as np
+        import torch
+        import tritonclient.http as httpclient
+
+        if method == "forward":
+            raise EngineError("engine=triton returns tokens, not logits")
+        criteria = kwargs.pop("stopping_criteria", None)
+        arrays = self._arrays(inputs, kwargs)
+        if criteria is not None and self.grpc_url is not None:
+            return self._stream(inputs, arrays, criteria, kwargs.get("pad_token_id") or 0)
         tensors = []
-        for name, array in [("input_ids", ids), ("attention_mask", mask),
-                            *((n, np.full((rows, 1), v, dtype=t)) for n, (t, v) in params.items())]:
+        for name, array in arrays.items():
             datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL"}[array.dtype]
             tensor = httpclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         result = self.client.infer(self.model_name, tensors, outputs=[httpclient.InferRequestedOutput("sequences")])
         return torch.from_numpy(result.as_numpy("sequences"))
+
+    def _stream(self, inputs: dict[str, Any], arrays: dict[str, Any], criteria: Any, pad: int) -> Any:
+        """Follow the decoupled model's responses, one per step, until ``criteria`` stops every row."""
+        import torch
+        from pytriton.client import DecoupledModelClient
+
+        rows = len(arrays["input_ids"])
+        new: list[list[int]] = [[] for _ in range(rows)]
+        running = [True] * rows
+        with DecoupledModelClient(self.grpc_url, f"{self.model_name}_stream", inference_timeout_s=self.timeout_s) as client:
+            for response in client.infer_batch(**arrays):
+                tokens = torch.from_numpy(response["tokens"][:, 0].copy())
+                for row, token in enumerate(tokens.tolist()):
+                    if running[row]:
+                        new[row].append(token)
+                done = criteria(tokens[:, None], None).tolist()
+                running = [r and not d for r, d in zip(running, done)]
+                if not any(running):
+                    break
+        return generate_output(inputs["input_ids"], new, pad)
 
 
 INSTALL = ("python3 -m venv .venv-triton && .venv-triton/bin/pip install torch==2.13.0 'rm-runner[triton]' "
@@ -167,5 +205,6 @@ class TritonEngine(ServedEngine):
         url = f"{self.host}:{self.ports['http_port']}"
         ready = http_ok(f"http://{url}/v2/models/{self.model_name}/ready")
         self.ready_s = round(self.server.wait_ready(ready, self.startup_timeout_s), 3)
-        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s)
+        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s,
+                                     grpc_url=f"grpc://{self.host}:{self.ports['grpc_port']}")
         super().load_model(path, config)

@@ -3,7 +3,12 @@
 ``python -m rm_runner.engines.triton_server SPEC.json`` builds the selected device's backend
 in this process, prepares the model on it, and binds it as a Triton model with dynamic
 batching (PyTriton bundles the tritonserver binary). Requests carry a left-padded batch of
-token ids and the generation parameters; the answer is ``generate()``'s sequences. SIGINT stops it.
+token ids and the generation parameters; the answer is ``generate()``'s sequences. A second,
+decoupled model (``<name>_stream``) answers the same request with one response per decoding
+step, each holding every row's new token (Triton's streaming, over gRPC). SIGINT stops it.
+
+Every ``generate()`` runs on one thread (``ModelThread``), whichever Triton model asked: PyTorch
+on the CPU keeps a thread pool per calling thread, and two of them cost a third of the speed.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
 import sysconfig
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,7 +45,31 @@ def hf_kwargs(values: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
     return kwargs
 
 
-def make_infer(backend: Any, model: Any, pad_token_id: int):
+class ModelThread:
+    """Runs callables one at a time on a thread of its own; callers wait for their result."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, name="rm-runner-model", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, answer = self.jobs.get()
+            try:
+                answer.put((True, fn()))
+            except BaseException as exc:  # handed to the caller
+                answer.put((False, exc))
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        answer: queue.Queue = queue.Queue(maxsize=1)
+        self.jobs.put((fn, answer))
+        ok, value = answer.get()
+        if not ok:
+            raise value
+        return value
+
+
+def make_infer(backend: Any, model: Any, pad_token_id: int, thread: ModelThread):
     import torch
     from pytriton.decorators import batch
 
@@ -51,13 +82,55 @@ def make_infer(backend: Any, model: Any, pad_token_id: int):
             rows = [i for i, k in enumerate(keys) if k == key]
             kwargs = hf_kwargs(dict(zip((name for name, _ in PARAMS), key)), pad_token_id)
             inputs = {"input_ids": torch.from_numpy(input_ids[rows]), "attention_mask": torch.from_numpy(attention_mask[rows])}
-            sequences = backend.execute(model, inputs, **kwargs)
+            sequences = thread.run(lambda: backend.execute(model, inputs, **kwargs))
             for row, seq in zip(rows, getattr(sequences, "sequences", sequences).cpu().tolist()):
                 outputs[row] = seq
         width = max(len(o) for o in outputs)
         return {"sequences": np.array([o + [pad_token_id] * (width - len(o)) for o in outputs], dtype=np.int64)}
 
     return infer
+
+
+def make_stream_infer(backend: Any, model: Any, pad_token_id: int, thread: ModelThread):
+    """The decoupled model: one response per decoding step, ``tokens`` = each row's new token."""
+    import torch
+    from pytriton.decorators import batch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    @batch
+    def infer(input_ids: np.ndarray, attention_mask: np.ndarray, **params: np.ndarray):
+        kwargs = hf_kwargs({name: params[name][0, 0].item() for name, _ in PARAMS}, pad_token_id)
+        inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+        steps: queue.Queue = queue.Queue()
+
+        class Step(StoppingCriteria):
+            def __call__(self, ids: Any, scores: Any, **kw: Any) -> Any:
+                steps.put(ids[:, -1].cpu().numpy().astype(np.int64))
+                return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+        def generate() -> None:
+            backend.execute(model, inputs, stopping_criteria=StoppingCriteriaList([Step()]), **kwargs)
+
+        threading.Thread(target=lambda: _report(thread, generate, steps), daemon=True).start()
+        while True:
+            step = steps.get()
+            if step is None:
+                return
+            if isinstance(step, BaseException):
+                raise step
+            yield {"tokens": step[:, None]}
+
+    return infer
+
+
+def _report(thread: ModelThread, fn: Callable[[], None], steps: queue.Queue) -> None:
+    """Run ``fn`` on the model thread; a failure reaches the stream as its last item."""
+    try:
+        thread.run(fn)
+    except BaseException as exc:
+        steps.put(exc)
+    finally:
+        steps.put(None)
 
 
 def main(spec_path: str) -> None:
@@ -76,9 +149,10 @@ def main(spec_path: str) -> None:
     from rm_runner.config import ModelConfig as RunModelConfig
 
     backend = instantiate(spec["device"])
-    backend.initialize()
+    thread = ModelThread()
+    thread.run(backend.initialize)
     model_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunModelConfig), spec["model_config"]))
-    model = backend.prepare_model(Path(spec["model_path"]), model_config)
+    model = thread.run(lambda: backend.prepare_model(Path(spec["model_path"]), model_config))
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     host = spec["host"]
@@ -89,11 +163,16 @@ def main(spec_path: str) -> None:
               Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
               *(Tensor(name=name, dtype=dtype, shape=(1,)) for name, dtype in PARAMS)]
     with Triton(config=config) as triton:
-        triton.bind(model_name=spec["model_name"], infer_func=make_infer(backend, model, pad), inputs=inputs,
+        triton.bind(model_name=spec["model_name"], infer_func=make_infer(backend, model, pad, thread), inputs=inputs,
                     outputs=[Tensor(name="sequences", dtype=np.int64, shape=(-1,))],
                     config=ModelConfig(max_batch_size=spec["max_batch_size"],
                                        batcher=DynamicBatcher(max_queue_delay_microseconds=spec["max_queue_delay_us"])),
                     strict=True)
+        if backend.streams(model):
+            triton.bind(model_name=f"{spec['model_name']}_stream",
+                        infer_func=make_stream_infer(backend, model, pad, thread), inputs=inputs,
+                        outputs=[Tensor(name="tokens", dtype=np.int64, shape=(1,))],
+                        config=ModelConfig(max_batch_size=spec["max_batch_size"], decoupled=True), strict=True)
         log.info("serving %s on %s:%d (device %s)", spec["model_name"], host, spec["http_port"], backend.name)
         triton.serve()
 
