@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from rm_runner.backends.base import Availability
 from rm_runner.config import GenerationConfig, ModelConfig
@@ -45,6 +45,20 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
         """Complete every request, in order."""
+
+    @abstractmethod
+    def generate_steps(self, ids: list[list[int]], kwargs: dict[str, Any],
+                       on_step: Callable[[list[int]], list[bool]]) -> None:
+        """The streaming form: generate for a batch of token-id prompts, handing each decoding
+        step's new token per row to ``on_step``, which answers which rows are finished."""
+
+    @abstractmethod
+    def streams(self) -> bool:
+        """True when ``generate_steps`` delivers tokens as they are made (not all at the end)."""
+
+    def openai_endpoint(self) -> tuple[str, str, str] | None:
+        """(base URL, model, API key) when the model is reached through an OpenAI-compatible server."""
+        return None
 
     @abstractmethod
     def stop(self) -> None:
