@@ -50,3 +50,13 @@ def test_user_config_dir_extends_the_tree(installed, tmp_path: Path) -> None:
                "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=installed)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "name: my-tiny" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_installed_copy_ships_the_whole_config_tree(installed, tmp_path: Path) -> None:
+    tree = REPO / "rm_runner" / "conf"
+    shipped = Path(installed["PYTHONPATH"]) / "rm_runner" / "conf"
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*.yaml")) == \
+        sorted(p.relative_to(tree) for p in tree.rglob("*.yaml"))
+    proc = subprocess.run([sys.executable, "-m", "rm_runner.recipes", "validate"], cwd=tmp_path,
+                          env={**os.environ, **installed}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
