@@ -253,3 +253,26 @@ def test_port_in_use_is_a_config_error(tmp_path: Path, server: Server) -> None:
     assert result.returncode == 1
     assert f"server.port={port} is already in use" in result.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+
+
+def test_a_full_queue_answers_429(tmp_path: Path) -> None:
+    import time
+
+    srv = Server(tmp_path / "run", f"model={MODEL}", "server.max_queue=1", "server.max_wait_ms=0")
+    client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        running = client.completions.create(model=MODEL, prompt="go on", max_tokens=1900, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+        next(iter(running))  # the worker is busy with it now
+        waiting = threading.Thread(target=lambda: client.completions.create(model=MODEL, prompt="b", max_tokens=2))
+        waiting.start()
+        deadline = time.monotonic() + 60
+        while "rm_runner_requests_waiting 1.0" not in raw(srv, "/metrics", key=None, method="GET").text:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError, match="server.max_queue=1"):
+            client.completions.create(model=MODEL, prompt="c", max_tokens=2)
+        running.close()
+        waiting.join(timeout=60)
+    finally:
+        srv.stop()
