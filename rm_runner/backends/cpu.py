@@ -96,12 +96,6 @@ class CPUBackend(TransformersTorchBackend):
     def torch_device(self) -> str:
         return "cpu"
 
-    def generate_defaults(self, model: Any) -> dict[str, Any]:
-        """A KV cache that grows in place instead of being copied every step (see cpu_cache)."""
-        from rm_runner.backends import cpu_cache
-
-        return {cpu_cache.generate_kwarg(): cpu_cache.GrowingCache()} if cpu_cache.fits(model) else {}
-
     def prepare_model(self, model: Any, model_config: Any) -> Any:
         """Load or take the model; pack its linear layers (undone on cleanup for a caller's model)."""
         from rm_runner.backends import cpu_linear

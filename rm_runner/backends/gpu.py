@@ -87,7 +87,7 @@ class GPUBackend(TransformersTorchBackend):
             args.append("--enforce-eager")
         return VLLMServerSettings(model=model_path, args=args)
 
-    def generate_defaults(self, model: Any) -> dict[str, Any]:
+    def generate_defaults(self) -> dict[str, Any]:
         return {"cache_implementation": "static"} if self.options.static_cache else {}
 
     def device_memory(self) -> dict[str, float] | None:
