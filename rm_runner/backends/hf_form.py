@@ -7,7 +7,7 @@ the prompt columns followed by the new tokens, right-padded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterable, Optional
 
 
 def prompt_token_lists(inputs: dict[str, Any]) -> list[list[int]]:
@@ -30,3 +30,31 @@ def generate_output(input_ids: Any, new_tokens: list[list[int]], pad_token_id: i
     for i, tokens in enumerate(new_tokens):
         tail[i, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     return torch.cat([input_ids.cpu(), tail], dim=1)
+
+
+def follow_steps(steps: Iterable[list[Optional[int]]], rows: int, criteria: Any, pad_token_id: int,
+                 on_stop: Callable[[int], None] = lambda row: None) -> list[list[int]]:
+    """Each row's new tokens from a server's stream of steps (every row's next token; None for a
+    row the server has ended), handed to Hugging Face ``stopping_criteria`` a step at a time, as
+    ``generate()`` would. A row the criteria stop is reported to ``on_stop`` and takes no more
+    tokens; reading ends when no row is running."""
+    import torch
+
+    new: list[list[int]] = [[] for _ in range(rows)]
+    running = [True] * rows
+    for step in steps:
+        for row, token in enumerate(step):
+            if token is None:
+                running[row] = False
+            elif running[row]:
+                new[row].append(token)
+        if not any(running):
+            break
+        tokens = torch.tensor([pad_token_id if t is None else t for t in step])
+        for row, stopped in enumerate(criteria(tokens[:, None], None).tolist()):
+            if stopped and running[row]:
+                running[row] = False
+                on_stop(row)
+        if not any(running):
+            break
+    return new

@@ -14,10 +14,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from rm_runner.backends.base import Availability, Backend, BackendOptions
-from rm_runner.backends.hf_form import generate_output, prompt_token_lists
+from rm_runner.backends.hf_form import follow_steps, generate_output, prompt_token_lists
 from rm_runner.errors import DeviceUnavailableError, RunnerError
 
 log = logging.getLogger(__name__)
@@ -116,19 +116,13 @@ class RemoteBackend(Backend):
             ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
         return list(ids)
 
-    def _stream_rows(self, model: RemoteModel, prompts: list[list[int]], kwargs: dict[str, Any],
-                     criteria: Any) -> list[list[int]]:
-        """Every row as its own streamed request; tokens are handed to ``criteria`` a step at a time
-        (a step: each running row's next token), and a row it stops is closed, which ends it on the
-        server too."""
+    def _stream_rows(self, model: RemoteModel, prompts: list[list[int]], kwargs: dict[str, Any], criteria: Any,
+                     pad: int) -> list[list[int]]:
+        """Every row as its own streamed request, read a step (each running row's next token) at
+        a time; a row the criteria stop is closed, which ends it on the server too."""
         import queue
         import threading
 
-        import torch
-
-        pad = kwargs.get("pad_token_id")
-        pad = pad if pad is not None else model.tokenizer.pad_token_id or 0
-        rows = len(prompts)
         queues: list[queue.Queue] = [queue.Queue() for _ in prompts]
         stop = [threading.Event() for _ in prompts]
 
@@ -150,49 +144,38 @@ class RemoteBackend(Backend):
             finally:
                 queues[row].put(None)
 
-        threads = [threading.Thread(target=follow, args=(row,), daemon=True) for row in range(rows)]
-        for thread in threads:
-            thread.start()
-        new: list[list[int]] = [[] for _ in prompts]
-        running = [True] * rows
-        try:
-            while any(running):
-                tokens = []
-                for row in range(rows):
-                    token = queues[row].get() if running[row] else None
+        def steps() -> Iterator[list[Optional[int]]]:
+            while not all(event.is_set() for event in stop):
+                step: list[Optional[int]] = []
+                for row in range(len(prompts)):
+                    token = None if stop[row].is_set() else queues[row].get()
                     if isinstance(token, Exception):
                         raise RunnerError(f"{self.options.base_url}: streaming failed: {token}") from token
                     if token is None:
-                        running[row] = False
-                        tokens.append(pad)
-                    else:
-                        new[row].append(token)
-                        tokens.append(token)
-                if not any(running):
-                    break
-                done = criteria(torch.tensor(tokens)[:, None], None)
-                for row, finished in enumerate(done.tolist()):
-                    if finished and running[row]:
-                        running[row] = False
-                        stop[row].set()
+                        stop[row].set()  # ended by the server (or stopped before): nothing more to read
+                    step.append(token)
+                yield step
+
+        for row in range(len(prompts)):
+            threading.Thread(target=follow, args=(row,), daemon=True).start()
+        try:
+            return follow_steps(steps(), len(prompts), criteria, pad, on_stop=lambda row: stop[row].set())
         finally:
             for event in stop:
                 event.set()
-        return new
 
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         if method == "forward":
             raise RunnerError("device=remote returns tokens, not logits")
         prompts = prompt_token_lists(inputs)
         criteria = kwargs.pop("stopping_criteria", None)
+        pad = kwargs.get("pad_token_id")
+        pad = pad if pad is not None else model.tokenizer.pad_token_id or 0
         if criteria is not None:
-            new = self._stream_rows(model, prompts, kwargs, criteria)
-            pad = kwargs.get("pad_token_id")
-            return generate_output(inputs["input_ids"], new, pad if pad is not None else model.tokenizer.pad_token_id or 0)
+            return generate_output(inputs["input_ids"], self._stream_rows(model, prompts, kwargs, criteria, pad), pad)
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
             new = list(pool.map(lambda p: self._complete(model, p, kwargs), prompts))
-        pad = kwargs.get("pad_token_id")
-        return generate_output(inputs["input_ids"], new, pad if pad is not None else model.tokenizer.pad_token_id or 0)
+        return generate_output(inputs["input_ids"], new, pad)
 
     def cleanup(self) -> None:
         """Nothing to release: the server is not ours."""

@@ -19,7 +19,7 @@ import httpx
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import generate_output
+from rm_runner.backends.hf_form import follow_steps, generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
@@ -64,27 +64,12 @@ class TorchServeClient:
         return True
 
     def _stream(self, inputs: dict[str, Any], body: dict[str, Any], criteria: Any, pad: int) -> Any:
-        import torch
-
-        rows = len(body["input_ids"])
-        new: list[list[int]] = [[] for _ in range(rows)]
-        running = [True] * rows
         with self.http.stream("POST", self.url, json={**body, "stream": True}) as response:
             if response.status_code != 200:
                 raise EngineError(f"torchserve answered {response.status_code}: {response.read()[:500]!r}")
-            for line in response.iter_lines():
-                step = json.loads(line) if line.strip() else {}
-                if "tokens" not in step:
-                    continue  # the final {"done": true}
-                tokens = torch.tensor(step["tokens"])
-                for row, token in enumerate(step["tokens"]):
-                    if running[row]:
-                        new[row].append(token)
-                done = criteria(tokens[:, None], None).tolist()
-                running = [r and not d for r, d in zip(running, done)]
-                if not any(running):
-                    break
-        return generate_output(inputs["input_ids"], new, pad)
+            lines = (json.loads(line) for line in response.iter_lines() if line.strip())
+            steps = (line["tokens"] for line in lines if "tokens" in line)  # the last line is {"done": true}
+            return generate_output(inputs["input_ids"], follow_steps(steps, len(body["input_ids"]), criteria, pad), pad)
 
     def close(self) -> None:
         self.http.close()

@@ -18,7 +18,7 @@ from typing import Any
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import generate_output
+from rm_runner.backends.hf_form import follow_steps, generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
@@ -92,24 +92,12 @@ class TritonClient:
         return torch.from_numpy(result.as_numpy("sequences"))
 
     def _stream(self, inputs: dict[str, Any], arrays: dict[str, Any], criteria: Any, pad: int) -> Any:
-        """Follow the decoupled model's responses, one per step, until ``criteria`` stops every row."""
-        import torch
+        """Follow the decoupled model's responses, one per step, until ``criteria`` stop every row."""
         from pytriton.client import DecoupledModelClient
 
-        rows = len(arrays["input_ids"])
-        new: list[list[int]] = [[] for _ in range(rows)]
-        running = [True] * rows
         with DecoupledModelClient(self.grpc_url, f"{self.model_name}_stream", inference_timeout_s=self.timeout_s) as client:
-            for response in client.infer_batch(**arrays):
-                tokens = torch.from_numpy(response["tokens"][:, 0].copy())
-                for row, token in enumerate(tokens.tolist()):
-                    if running[row]:
-                        new[row].append(token)
-                done = criteria(tokens[:, None], None).tolist()
-                running = [r and not d for r, d in zip(running, done)]
-                if not any(running):
-                    break
-        return generate_output(inputs["input_ids"], new, pad)
+            steps = (response["tokens"][:, 0].tolist() for response in client.infer_batch(**arrays))
+            return generate_output(inputs["input_ids"], follow_steps(steps, len(arrays["input_ids"]), criteria, pad), pad)
 
 
 INSTALL = ("python3 -m venv .venv-triton && .venv-triton/bin/pip install torch==2.13.0 'rm-runner[triton]' "
