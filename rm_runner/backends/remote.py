@@ -45,6 +45,7 @@ class RemoteBackend(Backend):
     name = "remote"
     priority = 0
     options_class = RemoteOptions
+    packages = ("openai",)
 
     @classmethod
     def is_available(cls) -> Availability:

@@ -27,6 +27,8 @@ class Engine(ABC):
     name: ClassVar[str]
     # Where a server's own logs go: the run directory (set by the runner before start()).
     log_dir: Path | None = None
+    # The distributions this engine's environment needs; the doctor shows their versions there.
+    packages: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check_environment(cls, python: str, backend_cls: type) -> Availability:

