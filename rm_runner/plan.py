@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rm_runner.sweep.job import SWEEP_KEYS
+from rm_runner.sweep.job import completed, job_overrides
 
 
 def _split(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -85,13 +85,11 @@ def _judge(cfg: DictConfig, multirun: bool, sweep_dir: Optional[Path], num: int,
     from rm_runner import pyenv
     from rm_runner.doctor import device_availability
     from rm_runner.runner import build
-    from rm_runner.sweep.job import _completed
-
     if multirun and sweep_dir is not None:
-        kept = sorted(o for o in overrides  # Hydra's ${hydra.job.override_dirname}: task overrides only
-                      if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS and not o.startswith(("hydra.", "hydra/")))
+        # Hydra's ${hydra.job.override_dirname}: the task overrides, sorted
+        kept = sorted(o for o in job_overrides(overrides) if not o.startswith(("hydra.", "hydra/")))
         job_dir = sweep_dir / f"{num}_{','.join(kept)}"
-        if not cfg.sweep.force and _completed(cfg, job_dir):
+        if not cfg.sweep.force and completed(cfg, job_dir):
             return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
     backend = build("device", cfg.device)
     device_python = cfg.device.get("python")
@@ -120,17 +118,12 @@ def render(jobs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from rm_runner.sweep.naming import command_line_overrides
+
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    config_dir = None
-    overrides, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in ("--config-dir", "-cd"):
-            config_dir, skip = Path(argv[i + 1]), True
-        elif not arg.startswith("-"):
-            overrides.append(arg)
-    jobs = plan(overrides, multirun, config_dir)
+    flag = next((i for i, a in enumerate(argv) if a in ("--config-dir", "-cd")), None)
+    config_dir = Path(argv[flag + 1]) if flag is not None and flag + 1 < len(argv) else None
+    jobs = plan(command_line_overrides(argv), multirun, config_dir)
     print(render(jobs))
     bad = any(j["would"] == "invalid" for j in jobs) or (not multirun and jobs[0]["would"] != "run")
     return 1 if bad else 0

@@ -29,7 +29,6 @@ import statistics
 from typing import Any, Iterable, Optional
 
 SCHEMA = "rm_runner.benchmark/1"
-LATENCIES = ("ttft_s", "tpot_s", "itl_s", "e2el_s")
 # The scalar figures compared across repetitions and runs; dotted names reach into a statistic.
 HEADLINE = ("output_throughput", "request_throughput", "total_token_throughput",
             "ttft_s.p50", "tpot_s.p50", "itl_s.p50", "e2el_s.p50")
@@ -55,8 +54,6 @@ def summarize_repetition(records: list[dict[str, Any]], duration_s: float) -> di
     ok = [r for r in records if r["ok"]]
     out_tokens = sum(r["output_tokens"] for r in ok)
     prompt_tokens = sum(r["prompt_tokens"] for r in ok)
-    tpot = [(r["e2el_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok
-            if r["output_tokens"] > 1 and r["ttft_s"] is not None]
     summary: dict[str, Any] = {
         "duration_s": _r(duration_s),
         "completed": len(ok),
@@ -65,11 +62,17 @@ def summarize_repetition(records: list[dict[str, Any]], duration_s: float) -> di
         "output_throughput": _r(out_tokens / duration_s) if duration_s > 0 else None,
         "total_token_throughput": _r((out_tokens + prompt_tokens) / duration_s) if duration_s > 0 else None,
         "ttft_s": stats(r["ttft_s"] for r in ok if r["ttft_s"] is not None),
-        "tpot_s": stats(tpot),
+        "tpot_s": stats(tpot_values(ok)),
         "itl_s": stats(gap for r in ok for gap in r["itl_s"]),
         "e2el_s": stats(r["e2el_s"] for r in ok),
     }
     return summary
+
+
+def tpot_values(records: list[dict[str, Any]]) -> list[float]:
+    """Each request's time per output token after the first (requests with a first token and more)."""
+    return [(r["e2el_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in records
+            if r["output_tokens"] > 1 and r["ttft_s"] is not None]
 
 
 def headline(repetition: dict[str, Any], name: str) -> Optional[float]:

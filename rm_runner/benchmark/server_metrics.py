@@ -8,6 +8,8 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional
 
+from rm_runner.benchmark.metrics import tpot_values
+
 # Figure -> the Prometheus families that hold it (a histogram's _sum/_count, a counter's _total).
 FAMILIES = {
     "ttft_s": ("vllm:time_to_first_token_seconds", "rm_runner_time_to_first_token_seconds"),
@@ -52,12 +54,10 @@ def snapshot(base_url: str, api_key: Optional[str]) -> Optional[Snapshot]:
 def agreement(before: Snapshot, after: Snapshot, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Server and client means over the same requests, side by side, with their ratio."""
     ok = [r for r in records if r["ok"]]
-    tpot = [(r["e2el_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in ok
-            if r["output_tokens"] > 1 and r["ttft_s"] is not None]
     client = {
         "ttft_s": _mean(r["ttft_s"] for r in ok if r["ttft_s"] is not None),
         "itl_s": _mean(g for r in ok for g in r["itl_s"]),
-        "tpot_s": _mean(tpot),
+        "tpot_s": _mean(tpot_values(ok)),
         "e2el_s": _mean(r["e2el_s"] for r in ok),
     }
     rows: dict[str, Any] = {}

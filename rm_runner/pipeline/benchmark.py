@@ -166,12 +166,10 @@ def _measure(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[st
 
 def _aggregate(section: dict[str, Any], rates: list[Optional[float]]) -> None:
     reps = section["repetitions"]
-    if rates == [None]:
-        section["summary"] = schema.across(reps)
-    else:
-        section["by_rate"] = {str(rate): schema.across([r for r in reps if r.get("rate") == rate]) for rate in rates
-                              if any(r.get("rate") == rate for r in reps)}
-        section["summary"] = schema.across(reps)
+    section["summary"] = schema.across(reps)
+    if rates != [None]:
+        by_rate = {rate: [r for r in reps if r.get("rate") == rate] for rate in rates}
+        section["by_rate"] = {str(rate): schema.across(done) for rate, done in by_rate.items() if done}
 
 
 def table(section: dict[str, Any]) -> str:

@@ -7,12 +7,13 @@ do not share counts.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from rm_runner.benchmark.metrics import stats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
@@ -68,16 +69,6 @@ class ServerMetrics:
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in done),
             "output_tokens": tokens,
             "serve_time_s": round(elapsed, 3),
-            "latency_s": percentiles([r["latency_s"] for r in done]),
-            "ttft_s": percentiles([r["ttft_s"] for r in done if r.get("ttft_s") is not None]),
+            "latency_s": stats(r["latency_s"] for r in done),
+            "ttft_s": stats(r["ttft_s"] for r in done if r.get("ttft_s") is not None),
         }
-
-
-def percentiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return {"mean": round(values[0], 6), "p50": round(values[0], 6), "p90": round(values[0], 6)}
-    cuts = statistics.quantiles(values, n=10, method="inclusive")
-    return {"mean": round(statistics.fmean(values), 6), "p50": round(statistics.median(values), 6),
-            "p90": round(cuts[8], 6)}

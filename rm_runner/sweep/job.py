@@ -27,13 +27,18 @@ log = logging.getLogger(__name__)
 SWEEP_KEYS = ("sweep.force",)
 
 
+def job_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that say what a job computes (those steering the sweep left out)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS]
+
+
 def run_isolated(cfg: DictConfig, job_dir: Path, overrides: list[str], job_num: int) -> str:
     """Run one job in a child process; returns its status (ok, skipped, failed, or done before)."""
-    if not cfg.sweep.force and _completed(cfg, job_dir):
+    if not cfg.sweep.force and completed(cfg, job_dir):
         log.info("job %d (%s): already completed in %s; skipped (sweep.force=true reruns it)",
                  job_num, " ".join(overrides) or "defaults", job_dir)
         return "done before"
-    args = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SWEEP_KEYS]
+    args = job_overrides(overrides)
     log.info("job %d (%s): running in its own process", job_num, " ".join(args) or "defaults")
     code = run_with(sys.executable, [*args, "on_unavailable=skip"], job_dir)
     status = _status(job_dir)
@@ -51,7 +56,7 @@ def _status(job_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _completed(cfg: DictConfig, job_dir: Path) -> bool:
+def completed(cfg: DictConfig, job_dir: Path) -> bool:
     """An ``ok`` run of exactly this config (sweep settings aside) is already in ``job_dir``."""
     from rm_runner.config import validated
     from rm_runner.errors import ConfigError
