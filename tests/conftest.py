@@ -130,3 +130,50 @@ class Server:
             self.proc.terminate()
         out, err = self.proc.communicate(timeout=timeout_s)
         return self.proc.returncode, out, err
+
+
+QUESTION = "What is the capital of France?"
+
+
+def local_answer(tmp_path: Path, max_new_tokens: int = 16) -> str:
+    """The local engine's greedy float32 answer to QUESTION (chat template): what every engine must match."""
+    import json
+
+    run = cli("model.dtype=float32", f"generation.max_new_tokens={max_new_tokens}", "pipeline.steps.1.print_outputs=false",
+              f"workload.prompts=['{QUESTION}']", f"hydra.run.dir={tmp_path}/local")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((tmp_path / "local" / "generations.jsonl").read_text().splitlines()[0])["text"]
+
+
+def ask(server: Server, max_tokens: int = 16, stream: bool = False, **extra) -> object:
+    """QUESTION to a started API server with the official openai client: the answer, or for
+    ``stream=True`` the list of content chunks as they arrived."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=max_tokens, temperature=0, stream=stream, **extra)
+    if not stream:
+        return answer
+    return [c.choices[0].delta.content for c in answer if c.choices and c.choices[0].delta.content]
+
+
+def served_like_local(tmp_path: Path, engine: str) -> dict:
+    """``engine`` serves the workload with the local engine's token ids, every address on loopback,
+    and leaves no process behind; returns the engine's record from metrics.json."""
+    import ipaddress
+    import json
+
+    import psutil
+
+    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
+    local = cli(*common, f"hydra.run.dir={tmp_path}/local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    addresses, family = run_watching_sockets(tmp_path, engine, *common, f"engine={engine}")
+    assert token_ids(tmp_path / engine) == token_ids(tmp_path / "local")
+    assert addresses == {ipaddress.ip_address("127.0.0.1")}  # every listening address is loopback
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    record = json.loads((tmp_path / engine / "metrics.json").read_text())["engine"]
+    assert record["name"] == engine and record["ready_s"] > 0
+    return record

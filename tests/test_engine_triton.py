@@ -7,31 +7,22 @@ Runs where nvidia-pytriton is installed (CI's .venv-triton); skipped elsewhere w
 from __future__ import annotations
 
 import importlib.util
-import ipaddress
 import json
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import cli, run_watching_sockets, token_ids
+from tests.conftest import Server, ask, local_answer, served_like_local
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None,
                                 reason="nvidia-pytriton is not installed in this Python (CI runs it in .venv-triton)")
 
 
 def test_triton_answers_like_the_local_engine_and_binds_loopback_only(tmp_path: Path) -> None:
-    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
-    local = cli(*common, f"hydra.run.dir={tmp_path}/local")
-    assert local.returncode == 0, local.stderr[-3000:]
-    addresses, family = run_watching_sockets(tmp_path, "triton", *common, "engine=triton")
-    assert token_ids(tmp_path / "triton") == token_ids(tmp_path / "local")
-    assert addresses == {ipaddress.ip_address("127.0.0.1")}  # every listening address is loopback
-    engine = json.loads((tmp_path / "triton" / "metrics.json").read_text())["engine"]
-    assert engine["name"] == "triton" and engine["ready_s"] > 0
+    served_like_local(tmp_path, "triton")
     assert "Started HTTPService" in (tmp_path / "triton" / "triton-server.log").read_text()
-    gone, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, f"left behind: {[p.pid for p in alive]}"
+
 
 
 def test_sigterm_to_the_run_stops_the_server_and_records_it(tmp_path: Path) -> None:
@@ -62,22 +53,10 @@ def test_sigterm_to_the_run_stops_the_server_and_records_it(tmp_path: Path) -> N
 
 def test_the_api_streams_through_tritons_decoupled_model(tmp_path: Path) -> None:
     """pipeline=serve engine=triton: streamed requests follow the decoupled <model>_stream step by step."""
-    import openai
-
-    from tests.conftest import Server
-
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    local = cli("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.1.print_outputs=false",
-                "workload.prompts=['What is the capital of France?']", f"hydra.run.dir={tmp_path}/local")
-    assert local.returncode == 0, local.stderr[-3000:]
-    expected = json.loads((tmp_path / "local" / "generations.jsonl").read_text().splitlines()[0])["text"]
+    expected = local_answer(tmp_path)
     server = Server(tmp_path / "serve", "engine=triton", "model.dtype=float32")
     try:
-        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="smollm2-135m", messages=question, max_tokens=16, temperature=0, stream=True)
-            if c.choices and c.choices[0].delta.content]
-        whole = client.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=16, temperature=0)
+        chunks, whole = ask(server, stream=True), ask(server)
     finally:
         code, _, err = server.stop()
     assert len(chunks) > 3 and "".join(chunks) == expected == whole.choices[0].message.content

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import Server, ask, cli, local_answer
 
 needs_openai = pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="pip install openai")
 
@@ -86,27 +86,14 @@ def test_the_api_streams_tokens_live_from_the_remote_server(vllm_server: str, tm
     """pipeline=serve in front of device=remote: the remote server's stream is followed token by
     token (vLLM's return_token_ids), so clients get many chunks, the same text as offline, and a
     stop string ends the row on the server too."""
-    import openai
-
-    from tests.conftest import Server
-
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    local = cli("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.1.print_outputs=false",
-                "workload.prompts=['What is the capital of France?']", f"hydra.run.dir={tmp_path}/local")
-    assert local.returncode == 0, local.stderr[-3000:]
-    expected = json.loads((tmp_path / "local" / "generations.jsonl").read_text().splitlines()[0])["text"]
+    expected = local_answer(tmp_path)
+    stop = f" {expected.split()[3]}"
     server = Server(tmp_path / "serve", "device=remote", f"device.base_url={vllm_server}", "model.dtype=float32")
     try:
-        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
-        chunks = [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="smollm2-135m", messages=question, max_tokens=16, temperature=0, stream=True)
-            if c.choices and c.choices[0].delta.content]
-        word = expected.split()[3]
-        cut = client.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=16, temperature=0,
-                                             stop=[f" {word}"])
+        chunks, cut = ask(server, stream=True), ask(server, stop=[stop])
     finally:
         code, _, err = server.stop()
     assert len(chunks) > 3 and "".join(chunks) == expected
-    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == expected[: expected.index(f" {word}")]
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == expected[: expected.index(stop)]
     assert cut.usage.completion_tokens < 16  # the row stopped there, on the server too
     assert code == 0, err[-2000:]
