@@ -82,14 +82,9 @@ def cpu_info() -> dict[str, Any]:
 
 def _gpus() -> list[str]:
     """GPU names from nvidia-smi; never imports torch (that would make runs slower and unequal)."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    from rm_runner.backends.base import tool_output
+
+    return [line.strip() for line in (tool_output("nvidia-smi", "-L") or "").splitlines() if line.strip()]
 
 
 def _git(where: Path) -> dict[str, Any] | None:

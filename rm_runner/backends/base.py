@@ -14,6 +14,21 @@ from typing import Any, ClassVar, Optional
 from rm_runner.config import check_options
 
 
+def tool_output(tool: str, *args: str) -> str | None:
+    """What a vendor's command-line tool prints (``nvidia-smi``, ``rbln-stat``); None when it is not
+    installed or does not answer within 30 s (a wedged driver must not hang a run or the doctor)."""
+    import shutil
+    import subprocess
+
+    path = shutil.which(tool)
+    if path is None:
+        return None
+    try:
+        return subprocess.run([path, *args], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 @dataclass(frozen=True)
 class Availability:
     """Whether a backend can run here; when not, which check failed and what fixes it."""

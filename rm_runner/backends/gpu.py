@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings
+from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings, tool_output
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,9 @@ class GPUBackend(TransformersTorchBackend):
     @classmethod
     def hardware(cls) -> list[str]:
         """Name, memory and driver of each GPU, from nvidia-smi."""
-        import shutil
-        import subprocess
-
-        smi = shutil.which("nvidia-smi")
-        if smi is None:
-            return []
-        query = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30)
+        out = tool_output("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader") or ""
         return [f"{name.strip()}, {memory.strip()}, driver {driver.strip()}"
-                for name, memory, driver in (line.split(",") for line in query.stdout.splitlines() if line.count(",") == 2)]
+                for name, memory, driver in (line.split(",") for line in out.splitlines() if line.count(",") == 2)]
     vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
     supported_dtypes = ("bfloat16", "float16", "float32")
     default_dtype = "bfloat16"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.backends import vllm_inprocess
-from rm_runner.backends.base import Availability, Backend, BackendOptions, VLLMServerSettings
+from rm_runner.backends.base import Availability, Backend, BackendOptions, VLLMServerSettings, tool_output
 from rm_runner.backends.rbln_compile_cache import compiled_model_dir, is_compiled
 from rm_runner.backends.vllm_inprocess import VLLMModel
 from rm_runner.errors import RunnerError
@@ -89,14 +89,7 @@ class RBLNBackend(Backend):
     @classmethod
     def hardware(cls) -> list[str]:
         """The NPU lines of ``rbln-stat`` (Rebellions' driver tool)."""
-        import shutil
-        import subprocess
-
-        stat = shutil.which("rbln-stat")
-        if stat is None:
-            return []
-        result = subprocess.run([stat], capture_output=True, text=True, timeout=30)
-        return [line.strip() for line in result.stdout.splitlines() if "RBLN" in line]
+        return [line.strip() for line in (tool_output("rbln-stat") or "").splitlines() if "RBLN" in line]
     vllm_install = INSTALL_VLLM_RBLN
 
     @classmethod
