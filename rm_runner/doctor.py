@@ -154,7 +154,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.python=PATH (as for a run)")
     args = parser.parse_args(argv)
-    report = diagnose(args.overrides)
+    try:
+        report = diagnose(args.overrides)
+    except Exception as exc:  # an override that does not compose: say which, as a run would
+        from hydra.errors import HydraException
+
+        from rm_runner.recipes import error_message
+
+        if not isinstance(exc, HydraException):
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0
 

@@ -69,6 +69,9 @@ def test_doctor_human_table_and_a_device_environment_that_does_not_exist() -> No
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "device x engine" in proc.stdout and "devices present:" in proc.stdout
     assert "device.python=/no/such/python does not exist" in proc.stdout
+    typo = subprocess.run([sys.executable, "-m", "rm_runner.doctor", "engine.nope=1"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert typo.returncode == 2 and "Could not override 'engine.nope'" in typo.stderr and "Traceback" not in typo.stderr
 
 
 def test_a_device_environment_runs_the_job_or_names_what_is_missing(tmp_path: Path) -> None:
