@@ -41,6 +41,9 @@ class CPUOptions(BackendOptions):
     enforce_eager: bool = True
     # pytorch mode: run every Linear through oneDNN on pre-packed weights (same results, ~2x faster).
     onednn_linear: bool = True
+    # pytorch mode, with onednn_linear: decode steps of Llama/Mistral/Qwen2 layers through a lean
+    # forward and a KV cache that grows in place (bit-identical results, ~10% faster).
+    fast_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -117,8 +120,23 @@ class CPUBackend(TransformersTorchBackend):
         if callers and packed:
             self._packed_models.append(prepared)
         log.info("cpu backend: %d linear layers on pre-packed oneDNN weights", packed)
+        if self.options.fast_decode and not callers:  # a caller's model keeps transformers' own forward
+            from rm_runner.backends import cpu_decode
+
+            log.info("cpu backend: %d decoder layers on the lean decode path", cpu_decode.install(prepared))
         self._warm_up(prepared)
         return prepared
+
+    def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A KV cache sized for this generate() where the lean decode path is installed."""
+        from rm_runner.backends import cpu_decode
+
+        if (not cpu_decode.installed(model) or {"cache", "past_key_values"} & kwargs.keys()
+                or kwargs.get("cache_implementation") or kwargs.get("use_cache") is False):
+            return {}
+        capacity = inputs["input_ids"].shape[-1] + (kwargs.get("max_new_tokens") or 0)
+        cache = cpu_decode.new_cache(model, capacity)
+        return {} if cache is None else {cpu_decode.cache_keyword(model): cache}
 
     @staticmethod
     def _warm_up(model: Any) -> None:

@@ -78,10 +78,14 @@ class _FusedProjections:
         self._outputs: tuple[torch.Tensor, ...] = ()
         self._pending: set[int] = set()
 
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """Every projection of ``x`` side by side, shaped like ``x`` up to the last dimension."""
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self._input is not x or index not in self._pending:  # a new input (or asked twice): compute
-            flat = x.reshape(-1, x.shape[-1])
-            fused = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            fused = self.compute(x).reshape(-1, sum(self.sizes))
             self._input, self._outputs, self._pending = x, fused.split(self.sizes, dim=-1), set(range(len(self.sizes)))
         out = self._outputs[index].reshape(*x.shape[:-1], self.sizes[index])
         self._pending.discard(index)

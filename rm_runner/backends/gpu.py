@@ -95,7 +95,7 @@ class GPUBackend(TransformersTorchBackend):
             args.append("--enforce-eager")
         return VLLMServerSettings(model=model_path, args=args)
 
-    def generate_defaults(self) -> dict[str, Any]:
+    def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"cache_implementation": "static"} if self.options.static_cache else {}
 
     def device_memory(self) -> dict[str, float] | None:

@@ -33,8 +33,8 @@ class TransformersTorchBackend(Backend):
     def vllm_engine_args(self) -> dict[str, Any]:
         return {}
 
-    def generate_defaults(self) -> dict[str, Any]:
-        """``generate()`` keywords this device adds unless the caller sets them."""
+    def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``generate()`` keywords this device adds to this call unless the caller sets them."""
         return {}
 
     def dtype_name(self, dtype: Any) -> str:
@@ -89,7 +89,7 @@ class TransformersTorchBackend(Backend):
         with torch.inference_mode():
             if method == "forward":
                 return model(**moved, **kwargs)
-            return model.generate(**moved, **{**self.generate_defaults(), **kwargs})
+            return model.generate(**moved, **{**self.generate_defaults(model, moved, kwargs), **kwargs})
 
     def cleanup(self) -> None:
         import gc

@@ -1,0 +1,155 @@
+"""Decode steps of Llama-family layers without transformers' per-module dispatch: ~10% faster on the CPU.
+
+At batch 16 on a 135M model a decode step is ~35 ms, of which the matrix multiplies are ~24:
+the rest is per-layer overhead (module calls, the rotary embedding applied to q and k apart,
+every layer's KV cache copied whole by ``torch.cat`` to grow by one token). For a decoder layer
+whose code is Llama's (Llama, Mistral, Qwen2 without sliding window), after ``cpu_linear`` fused
+its q/k/v, ``install`` gives the layer a decode forward that runs the same tensor operations in
+the same order (so the numbers are bit-identical: tests compare logits exactly) with less around
+them, attention still through transformers' own SDPA function. ``new_cache`` is a
+``DynamicCache`` whose layers write new keys and values into buffers sized for the whole
+generation and hand attention views of them, instead of concatenating. Prefill, other caches,
+other attention implementations and everything else take transformers' own path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from rm_runner.backends.cpu_linear import FusedProjection
+
+
+# Decoder layers and norms whose forward is Llama's, line for line (transformers copies them).
+LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+FAST = "_rm_runner_fast_decode"
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` that grows in place: keys/values are views of buffers with room to spare.
+
+    Anything that replaces ``keys`` (beam reordering, batch selection) is noticed and the new
+    tensors are copied into fresh buffers; cropping keeps the buffer and writes after the crop.
+    """
+
+    def __init__(self, capacity: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.capacity = capacity
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def _holds_buffer(self) -> bool:
+        buffer = self._key_buffer
+        return (buffer is not None and self.keys is not None and self.keys.data_ptr() == buffer.data_ptr()
+                and self.keys.shape[:2] == buffer.shape[:2] and self.keys.stride() == buffer.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        total = held + key_states.shape[-2]
+        if not self._holds_buffer() or total > self._key_buffer.shape[-2]:
+            size = max(self.capacity, 2 * total)
+            keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+            values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+            if held:
+                keys[:, :, :held].copy_(self.keys)
+                values[:, :, :held].copy_(self.values)
+            self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer[:, :, held:total].copy_(key_states)
+        self._value_buffer[:, :, held:total].copy_(value_states)
+        self.keys, self.values = self._key_buffer[:, :, :total], self._value_buffer[:, :, :total]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def new_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
+    """A cache for one ``generate()`` of up to ``capacity`` tokens per row; None if the model's
+    cache layers are not plain dynamic ones (sliding windows, linear attention: transformers')."""
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """``generate()``'s name for a cache: ``cache`` since transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def installed(model: nn.Module) -> bool:
+    return bool(getattr(model, FAST, False))
+
+
+def install(model: nn.Module) -> int:
+    """Give every Llama-code decoder layer of a packed model the lean decode forward; returns how many."""
+    count = 0
+    for layer in model.modules():
+        if _eligible(layer):
+            layer.forward = types.MethodType(_decode_forward, layer)
+            count += 1
+    if count:
+        setattr(model, FAST, True)
+    return count
+
+
+def _eligible(layer: nn.Module) -> bool:
+    if type(layer).__name__ not in LAYERS:
+        return False
+    attn = getattr(layer, "self_attn", None)
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    return (attn is not None and isinstance(getattr(attn, "q_proj", None), FusedProjection)
+            and getattr(attn, "sliding_window", None) is None
+            and all(type(norm).__name__ in NORMS for norm in norms))
+
+
+def _rms_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm.forward, the same operations without the module call."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * hidden_states.to(input_dtype)
+
+
+def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """One token per row through the layer; anything else goes to the layer's own forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attn = self.self_attn
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    position_embeddings = kwargs.get("position_embeddings")
+    if (args or hidden_states.shape[1] != 1 or position_embeddings is None or kwargs.get("output_attentions")
+            or attn.config._attn_implementation != "sdpa" or not isinstance(cache, DynamicCache)
+            or attn.layer_idx >= len(cache.layers) or not isinstance(cache.layers[attn.layer_idx], DynamicLayer)):
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    batch, head_dim = hidden_states.shape[0], attn.head_dim
+    fused = attn.q_proj.fused  # q, k, v in one matmul (cpu_linear); sizes in that order
+    q_size, k_size, _ = fused.sizes
+
+    residual = hidden_states
+    qkv = fused.compute(_rms_norm(self.input_layernorm, hidden_states))
+    # Rotary embedding on q and k together: elementwise, so each value is what apply_rotary_pos_emb gives.
+    qk = qkv[..., : q_size + k_size].view(batch, 1, -1, head_dim).transpose(1, 2)
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    half = head_dim // 2
+    qk = (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)
+    heads = q_size // head_dim
+    query, key = qk[:, :heads], qk[:, heads:]
+    value = qkv[..., q_size + k_size:].view(batch, 1, -1, head_dim).transpose(1, 2)
+    key, value = cache.update(key, value, attn.layer_idx)
+    out, _ = sdpa_attention_forward(attn, query, key, value, kwargs.get("attention_mask"), dropout=0.0,
+                                    scaling=attn.scaling)
+    hidden_states = residual + attn.o_proj(out.reshape(batch, 1, -1).contiguous())
+    return hidden_states + self.mlp(_rms_norm(self.post_attention_layernorm, hidden_states))
