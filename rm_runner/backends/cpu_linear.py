@@ -25,6 +25,12 @@ def supported(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` over a oneDNN-packed weight, for ``x`` of any leading shape."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` whose weight lives in oneDNN's layout; ``original`` (if kept) restores it."""
 
@@ -41,9 +47,7 @@ class PackedLinear(nn.Module):
             object.__setattr__(self, "original", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return packed_linear(x, self.packed, self.bias)
 
 
 class PackedGatedMLP(nn.Module):
@@ -52,18 +56,14 @@ class PackedGatedMLP(nn.Module):
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
         self.intermediate = mlp.gate_proj.out_features
-        self.hidden = mlp.down_proj.out_features
         self.act_fn = mlp.act_fn
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         self.gate_up = torch.ops.mkldnn._reorder_linear_weight(gate_up)
         self.down = torch.ops.mkldnn._reorder_linear_weight(mlp.down_proj.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        gate, up = torch.ops.mkldnn._linear_pointwise(flat, self.gate_up, None, "none", [], "").split(
-            self.intermediate, dim=-1)
-        out = torch.ops.mkldnn._linear_pointwise(self.act_fn(gate) * up, self.down, None, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.hidden)
+        gate, up = packed_linear(x, self.gate_up).split(self.intermediate, dim=-1)
+        return packed_linear(self.act_fn(gate) * up, self.down)
 
 
 class _FusedProjections:
@@ -80,14 +80,13 @@ class _FusedProjections:
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         """Every projection of ``x`` side by side, shaped like ``x`` up to the last dimension."""
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return packed_linear(x, self.packed, self.bias)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self._input is not x or index not in self._pending:  # a new input (or asked twice): compute
-            fused = self.compute(x).reshape(-1, sum(self.sizes))
-            self._input, self._outputs, self._pending = x, fused.split(self.sizes, dim=-1), set(range(len(self.sizes)))
-        out = self._outputs[index].reshape(*x.shape[:-1], self.sizes[index])
+            outputs = self.compute(x).split(self.sizes, dim=-1)
+            self._input, self._outputs, self._pending = x, outputs, set(range(len(self.sizes)))
+        out = self._outputs[index]
         self._pending.discard(index)
         if not self._pending:  # every projection taken: let go of the input and outputs
             self._input, self._outputs = None, ()
