@@ -68,10 +68,6 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :total], self._value_buffer[:, :, :total]
         return self.keys, self.values
 
-    def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
-        super().reset()
-
 
 def new_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
     """A cache for one ``generate()`` of up to ``capacity`` tokens per row; None if the model's
