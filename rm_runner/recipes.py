@@ -20,6 +20,7 @@ import importlib
 import inspect
 import itertools
 import json
+import shlex
 import shutil
 import sys
 import textwrap
@@ -56,7 +57,7 @@ class Recipe:
         """The ``Run:`` text when the recipe gives one, else the command that runs it."""
         if self.run:
             return self.run
-        extra = f" --config-dir {config_dir}" if config_dir else ""
+        extra = f" --config-dir {shlex.quote(str(config_dir))}" if config_dir else ""
         return f"python -m rm_runner{extra}{' -m' if self.sweep else ''} +recipe={self.name}"
 
 

@@ -4,6 +4,7 @@ check); a broken recipe fails naming the key; validating never imports torch."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rm_runner.recipes import main, parse_header, sweep_jobs
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 SHIPPED = sorted(p.stem for p in (REPO / "rm_runner" / "conf" / "recipe").glob("*.yaml"))
 CPU_SMOKE_QUESTION = ("how fast is the packaged SmolLM2-135M on this CPU, in-process, on a fixed synthetic workload "
@@ -124,3 +125,18 @@ def test_a_recipe_must_say_its_question_and_be_global(tmp_path: Path, capsys: py
     assert "FAILED  silent: no '# Question:' comment at the top" in out
     assert "FAILED  local: the first line must be '# @package _global_'" in out
     assert "FAILED  nope: no such recipe; available: " in out
+
+
+def test_a_user_sweep_recipe_runs_as_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each sweep job is a child process: it must find the recipe in the folder the sweep was given."""
+    config_dir = tmp_path / "my configs"  # a space: the folder travels through Hydra's override grammar
+    write_recipe(config_dir, "mine", "# Question: does my sweep run?\ndefaults:\n  - override /model: tiny-random\n"
+                 "hydra:\n  sweeper:\n    params:\n      generation.max_new_tokens: 2,3\n")
+    assert main(["--config-dir", str(config_dir), "list", "--json"]) == 0
+    (recipe,) = [r for r in json.loads(capsys.readouterr().out) if r["name"] == "mine"]
+    python, dash_m, module, *args = shlex.split(recipe["run"])  # the command as printed, quoting and all
+    assert (python, dash_m, module) == ("python", "-m", "rm_runner")
+    proc = cli(*args, f"hydra.sweep.dir='{tmp_path / 'sweep'}'")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    statuses = [json.loads(p.read_text())["status"] for p in sorted((tmp_path / "sweep").glob("*/status.json"))]
+    assert statuses == ["ok", "ok"]
