@@ -9,25 +9,24 @@ loaded, nothing is written. Exit 1 when a job is invalid, or a single run could 
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rm_runner.errors import ConfigError
 from rm_runner.sweep.job import completed, job_overrides
 
 
-def _split(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Plain overrides, and each sweep override expanded to its values (as the basic sweeper)."""
+def _split(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Plain overrides, and the sweep ones as ``{key: values}`` (``recipes.sweep_jobs`` expands them)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    plain, sweeps = [], []
+    plain, sweeps = [], {}
     for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
         if parsed.is_sweep_override():
-            key = parsed.get_key_element()
-            sweeps.append([f"{key}={value}" for value in parsed.sweep_string_iterator()])
+            sweeps[parsed.get_key_element()] = text.split("=", 1)[1]
         else:
             plain.append(text)
     return plain, sweeps
@@ -50,14 +49,15 @@ def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None
     register_resolvers()
     plain, sweeps = _split(overrides)
     if sweeps and not multirun:
-        raise SystemExit(f"{' '.join(overrides)}: a sweep (a,b values) needs -m")
+        key, values = next(iter(sweeps.items()))
+        raise ConfigError(f"{key}={values}: a sweep (a,b values) needs -m")
     if config_dir is not None:
         plain = [*plain, f"hydra.searchpath=[file://{config_dir.resolve()}]"]
     jobs: list[dict[str, Any]] = []
     with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
         base = _compose(plain)
         params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if multirun else {}
-        combos = [list(c) for c in itertools.product(*sweeps)]  # [[]] without sweeps
+        combos = sweep_jobs(sweeps)  # [[]] without sweeps
         if params:  # a recipe's own sweep, crossed with the command line's
             recipe_jobs = sweep_jobs({str(k): str(v) for k, v in params.items()})
             combos = [[*c, *job] for c in combos for job in recipe_jobs]
@@ -123,7 +123,17 @@ def main(argv: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flag = next((i for i, a in enumerate(argv) if a in ("--config-dir", "-cd")), None)
     config_dir = Path(argv[flag + 1]) if flag is not None and flag + 1 < len(argv) else None
-    jobs = plan(command_line_overrides(argv), multirun, config_dir)
+    try:
+        jobs = plan(command_line_overrides(argv), multirun, config_dir)
+    except Exception as exc:  # the command line itself does not compose: one line naming it, as a run says
+        from hydra.errors import HydraException
+
+        from rm_runner.recipes import error_message
+
+        if not isinstance(exc, (HydraException, ConfigError)):
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return 2
     print(render(jobs))
     bad = any(j["would"] == "invalid" for j in jobs) or (not multirun and jobs[0]["would"] != "run")
     return 1 if bad else 0

@@ -104,7 +104,7 @@ def sweep_jobs(params: dict[str, Any]) -> list[list[str]]:
         key = override.get_key_element()
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
-                raise ConfigError(f"hydra.sweeper.params.{key}: the basic sweeper takes lists and choice(), "
+                raise ConfigError(f"{key}={params[key]}: the basic sweeper takes lists and choice(), "
                                   "not ranges or intervals")
             lists.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:

@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_W16 = REPO.parent / "shared" / "workloads" / "w16.jsonl"
 
 
+def accelerator_here() -> bool:
+    """A GPU or an RBLN NPU on this host: tests that expect neither skip there."""
+    from rm_runner.backends.gpu import GPUBackend
+    from rm_runner.backends.rbln import RBLNBackend
+
+    return bool(GPUBackend.is_available()) or bool(RBLNBackend.is_available())
+
+
+NO_ACCELERATOR = pytest.mark.skipif(accelerator_here(), reason="this host has a GPU or an RBLN NPU")
+
+
 def compose_run(*overrides: str) -> DictConfig:
     """The config ``python -m rm_runner OVERRIDES`` would run, composed in-process."""
     from rm_runner.config import register_schema

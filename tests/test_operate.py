@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli
+from tests.conftest import NO_ACCELERATOR, REPO, cli
 
 LAUNCHERS_MISSING = pytest.mark.skipif(
     importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None
@@ -41,6 +41,7 @@ def engine_venv_works(name: str, module: str) -> bool:
     return python.exists() and not pyenv.has_modules(str(python), module)
 
 
+@NO_ACCELERATOR
 def test_doctor_matrix_on_this_machine() -> None:
     report = doctor()
     cpus = report["devices_present"]["cpu"]
@@ -101,6 +102,7 @@ def test_an_engine_environment_that_does_not_exist_is_named(tmp_path: Path) -> N
     assert "engine.python=/no/such/python does not exist" in result.stderr
 
 
+@NO_ACCELERATOR
 def test_dry_run_plans_a_sweep_without_loading_or_writing(tmp_path: Path) -> None:
     result = cli("--dry-run", "-m", "device=cpu,gpu,rbln", "pipeline=benchmark", "model=tiny-random", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -114,6 +116,20 @@ def test_dry_run_plans_a_sweep_without_loading_or_writing(tmp_path: Path) -> Non
     assert "generation.max_new_tokens must be >= 1, got 0" in invalid.stdout
     single = cli("--dry-run", "device=gpu", cwd=tmp_path)
     assert single.returncode == 1 and "would fail" in single.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["model=nope"], "error: In 'config': Could not find 'model/nope'; available options in 'model': "),
+    (["generation.temperature=["], "error: no viable alternative at input '['"),
+    (["-m", "generation.max_new_tokens=interval(1,4)"],
+     "error: generation.max_new_tokens=interval(1,4): the basic sweeper takes lists and choice()"),
+    (["generation.max_new_tokens=4,8"], "error: generation.max_new_tokens=4,8: a sweep (a,b values) needs -m"),
+], ids=["group", "grammar", "interval", "sweep-without-m"])
+def test_dry_run_of_a_command_that_does_not_compose_is_one_line(tmp_path: Path, args: list[str],
+                                                                message: str) -> None:
+    result = cli("--dry-run", *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(message), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "outputs").exists()
 
 
 def summary(sweep: Path) -> tuple[list[str], list[tuple[str, str]]]:
