@@ -152,6 +152,9 @@ def test_client_errors_map_to_openai_exceptions(server: Server, client: openai.O
     ("prompt too long", 400, "prompt"),
     ("unsupported field", 400, "logprobs"),
     ("empty messages", 422, "messages"),
+    ("empty prompt", 400, "prompt"),
+    ("token id out of vocabulary", 400, "prompt"),
+    ("missing model", 422, "model"),
 ])
 def test_bad_requests_get_openai_errors(server: Server, case: str, status: int, param: str | None) -> None:
     ok = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
@@ -172,17 +175,25 @@ def test_bad_requests_get_openai_errors(server: Server, case: str, status: int, 
         body = {**ok, "max_tokens": 5000}
     elif case == "prompt too long":
         body = {**ok, "prompt": "word " * 1000, "max_tokens": 1}
-        body["prompt"] = body["prompt"][:7000]
     elif case == "unsupported field":
         body = {**ok, "logprobs": 3}
     elif case == "empty messages":
         path, body = "/v1/chat/completions", {"model": MODEL, "messages": []}
+    elif case == "empty prompt":
+        body = {**ok, "prompt": [[5, 6], []]}
+    elif case == "token id out of vocabulary":
+        body = {**ok, "prompt": [5, 10**6]}
+    elif case == "missing model":
+        body = {"prompt": "secret " * 50}
     response = raw(server, path, body, key=key)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
     if param:
         assert error["param"] == param
+    assert "secret" not in error["message"]  # the request is not echoed back (nor into requests.jsonl)
+    if case == "token id out of vocabulary":
+        assert error["message"].startswith("prompt 0: token id 1000000 is out of vocabulary")
 
 
 def test_health_is_open_but_metrics_need_the_key(server: Server) -> None:
@@ -228,7 +239,7 @@ def test_run_directory_after_sigterm(tmp_path: Path) -> None:
     rest = list(stream)
     code, out, err = srv.stop()
     assert code == 0, err[-2000:]
-    assert first.choices[0].text is not None and rest[-1].choices[0].finish_reason == "length"
+    assert rest[-1].choices[0].finish_reason == "length"
     assert sum(1 for c in [first, *rest] if c.choices[0].text) > 1
     run = tmp_path / "run"
     assert json.loads((run / "status.json").read_text())["status"] == "ok"

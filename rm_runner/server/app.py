@@ -13,6 +13,7 @@ import asyncio
 import copy
 import json
 import logging
+import reprlib
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -103,8 +104,9 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             return error_response(request, 400, f"the request body is not valid JSON: {problem.get('msg')}",
                                   code="json_invalid")
         where = ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
-        return error_response(request, 422, f"{where}: {problem.get('msg')} (got {problem.get('input')!r})",
-                              param=where or None, code=problem.get("type"))
+        got = "" if problem.get("type") == "missing" else f" (got {reprlib.repr(problem.get('input'))})"
+        return error_response(request, 422, f"{where}: {problem.get('msg')}{got}", param=where or None,
+                              code=problem.get("type"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -166,6 +168,14 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             raise APIError(400, "prompt must not be empty", param="prompt")
         ids = [p if isinstance(p, list) else render(tokenizer, PromptRequest(id="api", prompt=p, chat_template=False))
                for p in prompt]
+        vocab = len(tokenizer)
+        for i, row in enumerate(ids):  # refused here, or the batch it would join fails with it
+            if not row:
+                raise APIError(400, f"prompt {i} has no tokens; a prompt needs at least one", param="prompt")
+            outside = next((t for t in row if not 0 <= t < vocab), None)
+            if outside is not None:
+                raise APIError(400, f"prompt {i}: token id {outside} is out of vocabulary (0..{vocab - 1})",
+                               param="prompt")
         return await respond(body, request, ids, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
