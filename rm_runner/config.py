@@ -102,6 +102,10 @@ class WorkloadConfig:
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
     limit: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"workload.limit must be >= 0 or null, got {self.limit}")
+
 
 @dataclass
 class PipelineConfig:

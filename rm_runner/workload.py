@@ -86,8 +86,12 @@ def _read_sharegpt(path: Path) -> list[Request]:
         human = next((k for k, t in enumerate(turns) if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
         if human is None:
             continue  # nothing to ask
-        reply = turns[human + 1].get("value") if human + 1 < len(turns) else None
-        requests.append(Request(id=str(item.get("id", i)), messages=[{"role": "user", "content": turns[human]["value"]}],
+        question = turns[human].get("value")
+        after = turns[human + 1] if human + 1 < len(turns) else {}
+        reply = after.get("value") if isinstance(after, dict) else 0  # 0: not a turn, refused below
+        if not isinstance(question, str) or not isinstance(reply, (str, type(None))):
+            raise ConfigError(f"workload.sharegpt_path {path}: entry {i}: every turn needs a string 'value'")
+        requests.append(Request(id=str(item.get("id", i)), messages=[{"role": "user", "content": question}],
                                 reference_output=reply or None))
     return requests
 

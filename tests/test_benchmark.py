@@ -63,6 +63,16 @@ def test_sharegpt_workload_takes_output_lengths_from_the_replies(tiny, tmp_path:
     assert lengths == {"a": 3, "b": 8}  # the tiny tokenizer has one token per word
 
 
+@pytest.mark.parametrize("turns", [[{"from": "human"}], [{"from": "human", "value": "hi"}, "not a turn"],
+                                   [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 7}]],
+                         ids=["no-value", "turn-not-object", "reply-not-text"])
+def test_a_malformed_sharegpt_turn_names_the_entry(tiny, tmp_path: Path, turns: list) -> None:
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "fine"}]}, {"conversations": turns}]))
+    with pytest.raises(ConfigError, match=r"sharegpt.json: entry 1: every turn needs a string 'value'"):
+        tiny("pipeline=benchmark", "workload.prompts=[]", f"workload.sharegpt_path={path}")
+
+
 def test_load_profiles_through_the_api(tiny) -> None:
     run = tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=concurrent",
                "benchmark.load.concurrency=4", "benchmark.repetitions=1", "generation.max_new_tokens=8",

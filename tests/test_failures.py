@@ -50,6 +50,8 @@ def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> 
         (["generation.do_sample=true", "generation.temperature=0"], "generation.temperature must be > 0"),
         (["workload=jsonl", "workload.path=/no/such.jsonl"], "workload.path: file '/no/such.jsonl' does not exist"),
         (["model.max_model_len=8"], "exceed model.max_model_len=8"),
+        (["pipeline=benchmark", "model.max_model_len=8"], "exceed model.max_model_len=8"),
+        (["workload.limit=-1"], "workload.limit must be >= 0 or null, got -1"),
         (["pipeline=serve", "server.max_batch_size=0"], "server.max_batch_size must be >= 1, got 0"),
         (["pipeline=serve", "server.host=203.0.113.7", "server.port=0"], "server.host=203.0.113.7, server.port=0: cannot listen"),
     ],

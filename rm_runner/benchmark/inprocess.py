@@ -33,6 +33,7 @@ def run(engine: Any, requests: list[Request], generation: GenerationConfig, prof
     one at a time (``synchronous``, each sent when the previous one finished)."""
     size = engine.batch_size if profile == LoadProfile.batch else 1
     encoded = [engine.render(r) for r in requests]
+    engine.check_lengths(requests, encoded, generation)
     timed = engine.streams()
     result = InProcessResult(records=[], duration_s=0.0)
     began = time.perf_counter()

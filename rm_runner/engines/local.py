@@ -94,14 +94,7 @@ class LocalEngine(Engine):
         if not self.health():
             raise RunnerError(f"engine={self.name}: infer() before start() and load_model()")
         encoded = [self.render(r) for r in requests]
-        for request, ids in zip(requests, encoded):
-            wanted = request.max_new_tokens or generation.max_new_tokens
-            if len(ids) + wanted > self.max_model_len:
-                raise ConfigError(
-                    f"request {request.id}: {len(ids)} prompt tokens + {wanted} new tokens "
-                    f"(generation.max_new_tokens or the workload's own length) exceed "
-                    f"model.max_model_len={self.max_model_len}"
-                )
+        self.check_lengths(requests, encoded, generation)
         kwargs = self.generate_kwargs(generation)
         completions: list[Completion] = []
         with tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True) as bar:
@@ -111,6 +104,17 @@ class LocalEngine(Engine):
                 completions.extend(self._run_batch(batch, ids, kwargs, generation))
                 bar.update(len(batch))
         return completions
+
+    def check_lengths(self, requests: list[Request], encoded: list[list[int]], generation: GenerationConfig) -> None:
+        """Every request's prompt and new tokens fit ``model.max_model_len``, or a ConfigError naming it."""
+        for request, ids in zip(requests, encoded):
+            wanted = request.max_new_tokens or generation.max_new_tokens
+            if len(ids) + wanted > self.max_model_len:
+                raise ConfigError(
+                    f"request {request.id}: {len(ids)} prompt tokens + {wanted} new tokens "
+                    f"(generation.max_new_tokens or the workload's own length) exceed "
+                    f"model.max_model_len={self.max_model_len}"
+                )
 
     def openai_endpoint(self) -> tuple[str, str, str] | None:
         """(base URL, model, API key) when requests reach the model through an OpenAI-compatible
