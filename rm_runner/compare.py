@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS
+from rm_runner.rundir import METRICS, STATUS, atomic_write_text
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -120,6 +120,8 @@ def read_run(path: Path, label: str) -> Run:
         status = json.loads((path / STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return Run(label, str(path), "unreadable", f"{STATUS}: {exc}")
+    if not isinstance(status, dict):
+        return Run(label, str(path), "unreadable", f"{STATUS}: not a JSON object")
     state = str(status.get("status"))
     if state != "ok":
         reason = status.get("reason") or {"running": "not finished (still running, or killed)"}.get(state)
@@ -128,7 +130,10 @@ def read_run(path: Path, label: str) -> Run:
         metrics = json.loads((path / METRICS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return Run(label, str(path), "no metrics", f"{METRICS}: {exc}")
-    figures = figures_of(metrics)
+    try:
+        figures = figures_of(metrics)
+    except (TypeError, AttributeError, ValueError) as exc:  # valid JSON, not the shape rm_runner writes
+        return Run(label, str(path), "no metrics", f"{METRICS}: not as rm_runner writes it ({exc})")
     if not figures:
         return Run(label, str(path), "no metrics", f"{METRICS} has no benchmark summary and no "
                                                    f"{' or '.join(SINGLE_FIGURES)}")
@@ -157,7 +162,7 @@ def expand(argument: str) -> Optional[dict[str, Path]]:
     """None for a run directory, its jobs for a sweep directory; NotARunError otherwise."""
     path = Path(argument)
     if not path.is_dir():
-        raise NotARunError(f"{argument}: no such directory")
+        raise NotARunError(f"{argument}: {'not a directory' if path.exists() else 'no such directory'}")
     if is_run_dir(path):
         return None
     jobs = sweep_jobs(path)
@@ -282,21 +287,23 @@ CSV_FIELDS = ["job", "figure", "better", "baseline", "baseline_mean", "baseline_
 
 
 def write_csv(data: dict[str, Any], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for group in data["groups"]:
-            for row in group["figures"]:
-                base = row["baseline"] or {}
-                for entry in row["others"]:
-                    value = entry["value"] or {}
-                    writer.writerow({
-                        "job": group["job"] or "", "figure": row["name"], "better": row["better"],
-                        "baseline": data["baseline"], "baseline_mean": base.get("mean"),
-                        "baseline_stdev": base.get("stdev"), "baseline_n": base.get("n"),
-                        "run": entry["label"], "mean": value.get("mean"), "stdev": value.get("stdev"),
-                        "n": value.get("n"), "change": entry["change"], "verdict": entry["verdict"],
-                    })
+    """One row per figure and run, written whole (atomically) or not at all."""
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for group in data["groups"]:
+        for row in group["figures"]:
+            base = row["baseline"] or {}
+            for entry in row["others"]:
+                value = entry["value"] or {}
+                writer.writerow({
+                    "job": group["job"] or "", "figure": row["name"], "better": row["better"],
+                    "baseline": data["baseline"], "baseline_mean": base.get("mean"),
+                    "baseline_stdev": base.get("stdev"), "baseline_n": base.get("n"),
+                    "run": entry["label"], "mean": value.get("mean"), "stdev": value.get("stdev"),
+                    "n": value.get("n"), "change": entry["change"], "verdict": entry["verdict"],
+                })
+    atomic_write_text(path, handle.getvalue())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -312,9 +319,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NotARunError as exc:
         print(f"rm-runner-compare: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(data, indent=2) if args.json else markdown(data), end="" if not args.json else "\n")
     if args.csv:
-        write_csv(data, args.csv)
+        try:
+            write_csv(data, args.csv)
+        except OSError as exc:
+            print(f"rm-runner-compare: error: --csv {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    print(json.dumps(data, indent=2) if args.json else markdown(data), end="" if not args.json else "\n")
     return 0
 
 

@@ -165,7 +165,28 @@ def test_a_path_that_is_no_run_exits_2(tmp_path: Path, make: str, capsys: pytest
     assert main([str(good), str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rm-runner-compare: error: {bad}")
-    assert ("no such directory" if make != "empty" else "not a run directory") in err
+    assert {"missing": "no such directory", "empty": "not a run directory", "file": "not a directory"}[make] in err
+
+
+def test_malformed_run_files_are_listed_not_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = bench_run(tmp_path / "a", [1.0, 1.0, 1.0])
+    listed = write_run(tmp_path / "listed", {})
+    (listed / "status.json").write_text("[1, 2]")
+    shaped = write_run(tmp_path / "shaped", {"benchmark": {"summary": {"output_throughput": {"mean": 1.0, "n": "x"}}}})
+    data = compare_json(a, listed, shaped, capsys=capsys)
+    reasons = {r["label"]: (r["status"], r["reason"]) for r in data["not_compared"]}
+    assert reasons[str(listed)] == ("unreadable", "status.json: not a JSON object")
+    assert reasons[str(shaped)][0] == "no metrics" and "not as rm_runner writes it" in reasons[str(shaped)][1]
+
+
+def test_csv_is_written_whole_or_the_command_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = bench_run(tmp_path / "a", [1.0, 1.0]), bench_run(tmp_path / "b", [1.0, 1.0])
+    nested = tmp_path / "new" / "dir" / "cmp.csv"
+    assert main([str(a), str(b), "--csv", str(nested)]) == 0 and nested.read_text().startswith("job,figure")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    assert main([str(a), str(b), "--csv", str(blocker / "cmp.csv")]) == 2
+    assert f"rm-runner-compare: error: --csv {blocker / 'cmp.csv'}: " in capsys.readouterr().err
 
 
 def test_module_runs_as_a_command(tmp_path: Path) -> None:
