@@ -208,6 +208,8 @@ class ParityConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.min_match_fraction <= 1:
             raise ValueError(f"parity.min_match_fraction must be in [0, 1], got {self.min_match_fraction}")
+        if self.max_logprob_diff is not None and self.max_logprob_diff < 0:
+            raise ValueError(f"parity.max_logprob_diff must be >= 0 or null, got {self.max_logprob_diff}")
 
 
 @dataclass
