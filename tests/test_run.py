@@ -31,6 +31,8 @@ def test_run_directory_is_complete(tiny) -> None:
     assert rd.read_json("overrides.json") == ["generation.max_new_tokens=8"]
     env = rd.read_json("environment.json")
     assert env["packages"]["torch"].startswith("2.") and env["cpu"]["logical_cores"] >= 1
+    assert "openai" in env["packages"]  # declared by the remote backend (a test dependency), not listed here
+    assert " cores " in env["devices"]["cpu"][0] and set(env["devices"]) >= {"cpu", "gpu", "rbln"}
     if (REPO / ".git").exists():
         assert len(env["git"]["commit"]) == 40 and isinstance(env["git"]["dirty"], bool)
     records = rd.read_jsonl("generations.jsonl")
