@@ -38,7 +38,10 @@ class ServerMetrics:
         self.running = Gauge("rm_runner_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("rm_runner_requests_waiting", "Requests waiting for a batch", registry=r)
         self.started = time.time()
-        self.records: list[dict[str, Any]] = []
+        # For the summary: counts and the two timings, not whole records (a server may run for weeks).
+        self.answered = self.failed = 0
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -46,29 +49,29 @@ class ServerMetrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Count one finished request (its requests.jsonl record)."""
         route, status = record["route"], record["status"]
-        self.records.append(record)
+        self.answered += 1
         self.requests.labels(route, str(status)).inc()
         if status >= 400:
+            self.failed += 1
             self.errors.labels(route, record.get("error_type") or "error").inc()
             return
         self.prompt_tokens.inc(record.get("prompt_tokens", 0))
         self.generation_tokens.inc(record.get("completion_tokens", 0))
         self.latency.labels(route).observe(record["latency_s"])
+        self.latencies.append(record["latency_s"])
         if record.get("ttft_s") is not None:
             self.ttft.labels(route).observe(record["ttft_s"])
+            self.ttfts.append(record["ttft_s"])
 
     def summary(self) -> dict[str, Any]:
         """The serving figures of ``metrics.json``: counts, tokens, latency and TTFT percentiles."""
-        done = [r for r in self.records if r["status"] < 400]
-        elapsed = time.time() - self.started
-        tokens = sum(r.get("completion_tokens", 0) for r in done)
         return {
-            "requests": len(self.records),
-            "requests_ok": len(done),
-            "requests_failed": len(self.records) - len(done),
-            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in done),
-            "output_tokens": tokens,
-            "serve_time_s": round(elapsed, 3),
-            "latency_s": stats(r["latency_s"] for r in done),
-            "ttft_s": stats(r["ttft_s"] for r in done if r.get("ttft_s") is not None),
+            "requests": self.answered,
+            "requests_ok": self.answered - self.failed,
+            "requests_failed": self.failed,
+            "prompt_tokens": int(self.registry.get_sample_value("rm_runner_prompt_tokens_total")),
+            "output_tokens": int(self.registry.get_sample_value("rm_runner_generation_tokens_total")),
+            "serve_time_s": round(time.time() - self.started, 3),
+            "latency_s": stats(self.latencies),
+            "ttft_s": stats(self.ttfts),
         }
