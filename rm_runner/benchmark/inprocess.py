@@ -56,11 +56,7 @@ def run(engine: Any, requests: list[Request], generation: GenerationConfig, prof
             result.measurement_s += time.perf_counter() - now
             return done
 
-        kwargs = engine.generate_kwargs(generation)
-        kwargs["max_new_tokens"] = max(limits)
-        if timed or generation.ignore_eos:
-            kwargs["eos_token_id"] = None  # rows stop through on_step, which knows each row's EOS
-        engine.generate_steps(ids, kwargs, on_step)
+        engine.generate_steps(ids, {**engine.generate_kwargs(generation), "max_new_tokens": max(limits)}, on_step)
         finished = time.perf_counter()
         start = 0.0 if profile == LoadProfile.batch else sent - began
         for request, prompt, count, stamps in zip(batch, ids, counts, times):

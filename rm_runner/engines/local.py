@@ -140,8 +140,9 @@ class LocalEngine(Engine):
         if not self.health():
             raise RunnerError(f"engine={self.name}: generate_steps() before start() and load_model()")
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
-        if self.streams():
-            self.executor.execute(self.model, dict(inputs), stopping_criteria=_step_criteria(on_step), **kwargs)
+        if self.streams():  # rows end through on_step, which knows each row's EOS, not through generate()'s
+            self.executor.execute(self.model, dict(inputs), stopping_criteria=_step_criteria(on_step),
+                                  **{**kwargs, "eos_token_id": None})
             return
         output = self.executor.execute(self.model, dict(inputs), **kwargs)
         sequences = getattr(output, "sequences", output)

@@ -43,13 +43,11 @@ class Sampling:
     seed: Optional[int]
     ignore_eos: bool
 
-    def generate_kwargs(self, max_new_tokens: int, pad_token_id: int, stream: bool) -> dict[str, Any]:
+    def generate_kwargs(self, max_new_tokens: int, pad_token_id: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": self.do_sample,
                                   "pad_token_id": pad_token_id, "seed": self.seed,
                                   "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        # Streaming executors stop rows through the step callback (EOS included: a choice knows its
-        # EOS ids); others stop on EOS themselves unless asked to ignore it.
-        if stream or self.ignore_eos:
+        if self.ignore_eos:
             kwargs["eos_token_id"] = None
         return kwargs
 
@@ -234,8 +232,7 @@ class DynamicBatcher:
                 done.append(choice.finished)
             return done
 
-        kwargs = batch[0].sampling.generate_kwargs(max(j.max_tokens for j in batch), engine.tokenizer.pad_token_id,
-                                                   engine.streams())
+        kwargs = batch[0].sampling.generate_kwargs(max(j.max_tokens for j in batch), engine.tokenizer.pad_token_id)
         engine.generate_steps(ids, kwargs, on_step)
         for job, index, choice in rows:  # rows the engine ended (its own limit) without us
             if not choice.finished:
