@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Optional
 
 from rm_runner.config import GenerationConfig, LoadProfile
+from rm_runner.errors import RunnerError
 from rm_runner.requests import Request
 
 
@@ -41,13 +42,22 @@ def run_in_subprocess(base_url: str, model: str, api_key: str, requests: list[Re
             "seed": seed}
     proc = subprocess.Popen([sys.executable, "-m", "rm_runner.benchmark.http_load"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RM_RUNNER_LOAD_API_KEY": api_key})
-    out, _ = proc.communicate(json.dumps(spec))
+    last = ""
+    with proc:  # closes the pipes and waits for the child
+        try:
+            proc.stdin.write(json.dumps(spec))
+            proc.stdin.close()
+            for line in proc.stdout:  # "done" as each request ends (progress as it happens), the result last
+                if line.strip() == "done":
+                    on_request_done()
+                else:
+                    last = line
+        except BaseException:  # Ctrl-C, or the caller's callback failing: the child goes too
+            proc.kill()
+            raise
     if proc.returncode != 0:
-        raise RuntimeError(f"the load generator exited with {proc.returncode} (its error is above)")
-    lines = out.splitlines()
-    for _ in range(sum(1 for line in lines if line == "done")):
-        on_request_done()
-    result = json.loads(lines[-1])
+        raise RunnerError(f"the load generator exited with {proc.returncode} (its error is above)")
+    result = json.loads(last)
     return result["records"], result["duration_s"]
 
 
