@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rm_runner.benchmark.metrics import stats
 
 PROMPT = "What is the capital of France?"
 
@@ -41,8 +42,8 @@ def run_engine(python: str, engine: str, requests: int, new_tokens: int, work: P
     return {
         "ready_s": metrics["engine"].get("ready_s") or 0.0,
         "load_s": metrics["load_time_s"],
-        "p50_ms": round(1000 * statistics.median(steady), 1),
-        "p90_ms": round(1000 * statistics.quantiles(steady, n=10)[-1], 1),
+        "p50_ms": round(1000 * stats(steady)["p50"], 1),
+        "p90_ms": round(1000 * stats(steady)["p90"], 1),
         "wall_s": round(wall, 1),
     }
 
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench") / f"engines-{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     args = parser.parse_args()
+    if args.requests < 2:
+        parser.error("--requests must be >= 2 (the first only warms up)")
     engines = {"local": sys.executable, "vllm": args.vllm_python, "triton": args.triton_python,
                "torchserve": args.torchserve_python}
     results = {}

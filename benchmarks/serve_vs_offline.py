@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import openai
 
+from rm_runner.benchmark.metrics import stats
+
 PROMPT = "What is the capital of France?"
 MODEL = "smollm2-135m"
 
@@ -57,13 +59,15 @@ def offline(prompts: Path, new_tokens: int, rounds: int, latency_requests: int, 
 
 def start_server(work: Path) -> tuple[subprocess.Popen, str]:
     run = work / "serve"
-    proc = subprocess.Popen([sys.executable, "-m", "rm_runner", "pipeline=serve", "server.port=0", "model.dtype=float32",
-                             f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "RM_RUNNER_API_KEY": ""})
+    log = work / "server.err"  # a file, not a pipe: nobody reads a pipe while it serves, and a full one blocks it
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "rm_runner", "pipeline=serve", "server.port=0",
+                                 "model.dtype=float32", f"hydra.run.dir={run}"], stdout=subprocess.DEVNULL, stderr=err,
+                                env={**os.environ, "RM_RUNNER_API_KEY": ""})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"the server exited: {proc.stderr.read()[-2000:]}")
+            sys.exit(f"the server exited: {log.read_text()[-2000:]}")
         if (run / "server.json").exists():
             url = json.loads((run / "server.json").read_text())["url"]
             try:
@@ -103,7 +107,9 @@ def through_api(url: str, prompts: list[str], new_tokens: int, rounds: int, late
 
 
 def pct(values: list[float]) -> tuple[float, float]:
-    return statistics.median(values) * 1000, statistics.quantiles(values, n=10)[-1] * 1000
+    """p50 and p90 in ms, computed as rm_runner's benchmark computes them."""
+    figures = stats(values)
+    return figures["p50"] * 1000, figures["p90"] * 1000
 
 
 def main() -> None:
@@ -113,6 +119,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-requests", type=int, default=20)
     args = parser.parse_args()
+    if args.rounds < 1 or args.latency_requests < 1:
+        parser.error("--rounds and --latency-requests must be >= 1")
     prompts = [json.loads(line)["prompt"] for line in args.prompts.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="rm-runner-bench-") as tmp:
         work = Path(tmp)
