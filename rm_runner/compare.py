@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS, atomic_write_text
+from rm_runner.rundir import METRICS, STATUS, atomic_write_text, job_dirs
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -146,14 +146,10 @@ def job_key(folder_name: str) -> str:
     return rest if sep and num.isdigit() else folder_name
 
 
-def sweep_jobs(path: Path) -> dict[str, Path]:
+def jobs_by_key(path: Path) -> dict[str, Path]:
     """A sweep directory's run directories by job key, in job-number order."""
-    def order(p: Path) -> tuple[int, str]:
-        num = p.name.partition("_")[0]
-        return (int(num) if num.isdigit() else sys.maxsize, p.name)
-
     jobs: dict[str, Path] = {}
-    for sub in sorted((p for p in path.iterdir() if p.is_dir() and is_run_dir(p)), key=order):
+    for sub in job_dirs(path):
         jobs.setdefault(job_key(sub.name), sub)
     return jobs
 
@@ -165,7 +161,7 @@ def expand(argument: str) -> Optional[dict[str, Path]]:
         raise NotARunError(f"{argument}: {'not a directory' if path.exists() else 'no such directory'}")
     if is_run_dir(path):
         return None
-    jobs = sweep_jobs(path)
+    jobs = jobs_by_key(path)
     if not jobs:
         raise NotARunError(f"{argument}: not a run directory (no {STATUS}) and not a sweep directory "
                            f"(no subdirectory with {STATUS})")

@@ -102,5 +102,22 @@ class RunDir:
         return [json.loads(line) for line in lines if line.strip()]
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable (for tools that list runs)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The run directories of a sweep (``<num>_<overrides>``), in job-number order."""
+    def order(path: Path) -> tuple[float, str]:
+        num = path.name.partition("_")[0]
+        return (int(num) if num.isdigit() else float("inf"), path.name)
+
+    return sorted((p for p in sweep_dir.iterdir() if (p / STATUS).is_file()), key=order)
+
+
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))

@@ -10,7 +10,6 @@ that is not available here is recorded by the child as ``skipped`` with the reas
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rm_runner.reexec import run_with
-from rm_runner.rundir import CONFIG, STATUS, RunDir
+from rm_runner.rundir import CONFIG, STATUS, RunDir, read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,8 @@ def run_isolated(cfg: DictConfig, job_dir: Path, overrides: list[str], job_num: 
 
 
 def _status(job_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((job_dir / STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
+    status = read_json_or_none(job_dir / STATUS)
+    return status if isinstance(status, dict) else {}
 
 
 def completed(cfg: DictConfig, job_dir: Path) -> bool:

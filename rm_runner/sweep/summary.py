@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from rm_runner.rundir import METRICS, OVERRIDES, STATUS, job_dirs, read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ class SweepSummary(Callback):
 
 def job_rows(job: Path) -> list[dict[str, Any]]:
     """One job's rows: its status and headline figures (one row per rate under a rate sweep)."""
-    status = _read(job / "status.json") or {}
-    metrics = _read(job / "metrics.json") or {}
-    overrides = _read(job / "overrides.json") or []
+    status = read_json_or_none(job / STATUS) or {}
+    metrics = read_json_or_none(job / METRICS) or {}
+    overrides = read_json_or_none(job / OVERRIDES) or []
     base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
             "status": status.get("status", "unknown"), "reason": status.get("reason") or ""}
     bench = metrics.get("benchmark") or {}
@@ -72,9 +73,7 @@ def _figures(summary: dict[str, Any]) -> dict[str, Optional[float]]:
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    jobs = sorted((p for p in sweep_dir.iterdir() if (p / "status.json").exists()),
-                  key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 1 << 30, p.name))
-    rows = [row for job in jobs for row in job_rows(job)]
+    rows = [row for job in job_dirs(sweep_dir) for row in job_rows(job)]
     # Label each job by what sets it apart: the overrides not shared by every job of the sweep.
     split = [row["overrides"].split() for row in rows]
     common = set.intersection(*(set(s) for s in split)) if len(rows) > 1 else set()
@@ -175,13 +174,6 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         save(fig, "latency_vs_throughput.png")
     return written
-
-
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def main() -> None:
