@@ -8,9 +8,11 @@ name, when the runner instantiates them, still before loading.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -240,6 +242,28 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="rm_runner_schema", node=RunConfig)
+
+
+def quote_override(value: str) -> str:
+    """A value in Hydra's override grammar, where = , and spaces need quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@contextmanager
+def composing(config_dir: Optional[Path] = None) -> Iterator[list[str]]:
+    """Compose as ``python -m rm_runner`` does (schema, resolvers, the shipped config tree) outside a run.
+
+    Yields the overrides that add ``config_dir`` (a user's ``--config-dir``) to the search path.
+    """
+    from hydra import initialize_config_module
+
+    from rm_runner.sweep.naming import register_resolvers
+
+    register_schema()
+    register_resolvers()
+    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+        yield ([f"hydra.searchpath=[{quote_override(f'file://{config_dir.resolve()}')}]"]
+               if config_dir is not None else [])
 
 
 def validated(cfg: DictConfig) -> DictConfig:

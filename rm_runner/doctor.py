@@ -6,7 +6,7 @@ declares with the versions installed in each environment they use, and a device 
 that fixes it. Every verdict comes from the backends' and engines' own checks (the same ones a
 run makes before loading anything), so the doctor and a failing run never disagree.
 
-An engine's environment is its ``engine.python`` (from ``--config-dir``/overrides as in a run),
+An engine's environment is its ``engine.python`` (from overrides, as in a run),
 else this interpreter, else the venv the README makes for it (``.venv-<engine>``); a device's
 is its ``device.python``.
 """
@@ -29,13 +29,12 @@ API_PACKAGES = ("fastapi", "uvicorn", "pydantic", "prometheus-client")
 
 def _options(group: str, overrides: list[str], names: Optional[set[str]] = None) -> dict[str, Any]:
     """Each option of a config group (those in ``names``) as a run would compose it (with ``overrides``)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
 
-    from rm_runner.config import register_schema
+    from rm_runner.config import composing
 
-    register_schema()
     found = {}
-    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+    with composing():
         for path in sorted((Path(__file__).parent / "conf" / group).glob("*.yaml")):
             if names is not None and path.stem not in names:
                 continue

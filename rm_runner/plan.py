@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rm_runner.errors import ConfigError
-from rm_runner.sweep.job import completed, job_overrides
+from rm_runner.sweep.job import completed
 
 
 def _split(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -39,64 +39,55 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 
 def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None) -> list[dict[str, Any]]:
-    from hydra import initialize_config_module
-
-    from rm_runner.config import register_schema
+    from rm_runner.config import composing
     from rm_runner.recipes import check_job, error_message, sweep_jobs
-    from rm_runner.sweep.naming import register_resolvers
 
-    register_schema()
-    register_resolvers()
     plain, sweeps = _split(overrides)
     if sweeps and not multirun:
         key, values = next(iter(sweeps.items()))
         raise ConfigError(f"{key}={values}: a sweep (a,b values) needs -m")
-    if config_dir is not None:
-        plain = [*plain, f"hydra.searchpath=[file://{config_dir.resolve()}]"]
     jobs: list[dict[str, Any]] = []
-    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+    with composing(config_dir) as search:
+        plain = [*plain, *search]
         base = _compose(plain)
         params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if multirun else {}
         combos = sweep_jobs(sweeps)  # [[]] without sweeps
         if params:  # a recipe's own sweep, crossed with the command line's
             recipe_jobs = sweep_jobs({str(k): str(v) for k, v in params.items()})
             combos = [[*c, *job] for c in combos for job in recipe_jobs]
-        sweep_dir = Path(str(base.hydra.sweep.dir)) if multirun else None
         for num, combo in enumerate(combos):
-            job_overrides = [*[o for o in plain if not o.startswith("hydra.searchpath")], *combo]
             entry: dict[str, Any] = {"job": num, "overrides": " ".join(combo) or "(defaults)"}
             try:
-                cfg = _compose([*plain, *combo])
+                cfg = _compose([*plain, *combo, f"hydra.job.num={num}"])
+                # where Hydra would put this job (the same interpolations a -m run resolves)
+                job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) if multirun else None
                 choices = cfg.hydra.runtime.choices
                 entry.update(device=choices.get("device"), engine=choices.get("engine"),
                              pipeline=choices.get("pipeline"), model=choices.get("model"))
                 check_job(cfg.copy())  # validated, every _target_ checked (sets HydraConfig as a run does)
                 with open_dict(cfg):
                     del cfg["hydra"]
-                entry.update(_judge(cfg, multirun, sweep_dir, num, job_overrides))
+                entry.update(_judge(cfg, job_dir))
             except Exception as exc:  # composition and validation errors are the plan's answer
                 entry.update(would="invalid", reason=error_message(exc))
             jobs.append(entry)
     return jobs
 
 
-def _judge(cfg: DictConfig, multirun: bool, sweep_dir: Optional[Path], num: int,
-           overrides: list[str]) -> dict[str, Any]:
+def _judge(cfg: DictConfig, job_dir: Optional[Path]) -> dict[str, Any]:
+    """What the job would do: skip (done before, or its device is missing in a sweep), fail, or run."""
     from rm_runner import pyenv
     from rm_runner.doctor import device_availability
     from rm_runner.runner import build
-    if multirun and sweep_dir is not None:
-        # Hydra's ${hydra.job.override_dirname}: the task overrides, sorted
-        kept = sorted(o for o in job_overrides(overrides) if not o.startswith(("hydra.", "hydra/")))
-        job_dir = sweep_dir / f"{num}_{','.join(kept)}"
-        if not cfg.sweep.force and completed(cfg, job_dir):
-            return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
+
+    if job_dir is not None and not cfg.sweep.force and completed(cfg, job_dir):
+        return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
     backend = build("device", cfg.device)
     device_python = cfg.device.get("python")
     available = device_availability(backend.name, type(backend), device_python) if device_python else backend.availability()
     if not available:
         reason = f"device={backend.name} is not available here: {available.describe()}"
-        return {"would": "skip" if multirun else "fail", "reason": reason}
+        return {"would": "skip" if job_dir is not None else "fail", "reason": reason}
     from hydra.utils import get_class
 
     engine_cls = get_class(cfg.engine._target_)

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rm_runner.config import check_options, register_schema, validated
+from rm_runner.config import check_options, composing, validated
 from rm_runner.errors import ConfigError
 
 GROUP = "recipe"
@@ -267,13 +267,9 @@ def validate_recipe(recipe: Recipe, search_overrides: list[str]) -> Optional[str
 
 def validate(names: list[str], config_dir: Optional[Path]) -> dict[str, Optional[str]]:
     """Each named recipe (all when none) → None if valid, else the error."""
-    from hydra import initialize_config_module
-
-    register_schema()
     recipes = discover(config_dir)
     results: dict[str, Optional[str]] = {}
-    search = [f"hydra.searchpath=[file://{config_dir.resolve()}]"] if config_dir else []
-    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+    with composing(config_dir) as search:
         for name in names or list(recipes):
             if name not in recipes:
                 results[name] = f"no such recipe; available: {', '.join(recipes) or 'none'}"

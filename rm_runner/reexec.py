@@ -16,6 +16,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from rm_runner import pyenv
+from rm_runner.config import quote_override
 from rm_runner.errors import ConfigError
 
 
@@ -33,11 +34,6 @@ def interpreter(cfg: DictConfig) -> Optional[str]:
     return path
 
 
-def _quoted(value: str) -> str:
-    """A value in Hydra's override grammar, where = , and spaces need quotes."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def config_search_args() -> list[str]:
     """This run's own config folders (``--config-dir``, ``hydra.searchpath``), to hand to a child run."""
     from hydra.core.hydra_config import HydraConfig
@@ -46,13 +42,13 @@ def config_search_args() -> list[str]:
     args = [f"--config-dir={source.path}" for source in hydra_cfg.runtime.config_sources
             if source.provider == "command-line" and source.schema == "file"]
     paths = [str(p) for p in hydra_cfg.searchpath]
-    return args + ([f"hydra.searchpath=[{','.join(_quoted(p) for p in paths)}]"] if paths else [])
+    return args + ([f"hydra.searchpath=[{','.join(quote_override(p) for p in paths)}]"] if paths else [])
 
 
 def run_with(python: str, overrides: list[str], run_dir: Path) -> int:
     """``python -m rm_runner OVERRIDES`` into ``run_dir``, finding recipes where this run found them."""
     proc = subprocess.Popen([python, "-m", "rm_runner", *config_search_args(), *overrides,
-                             f"hydra.run.dir={_quoted(str(run_dir))}"])
+                             f"hydra.run.dir={quote_override(str(run_dir))}"])
     try:
         return proc.wait()
     except BaseException:  # Ctrl-C / SIGTERM: the job goes too

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 from omegaconf import DictConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -32,10 +32,9 @@ NO_ACCELERATOR = pytest.mark.skipif(accelerator_here(), reason="this host has a 
 
 def compose_run(*overrides: str) -> DictConfig:
     """The config ``python -m rm_runner OVERRIDES`` would run, composed in-process."""
-    from rm_runner.config import register_schema
+    from rm_runner.config import composing
 
-    register_schema()
-    with initialize_config_module(config_module="rm_runner.conf", version_base="1.3"):
+    with composing():
         return compose(config_name="config", overrides=list(overrides))
 
 

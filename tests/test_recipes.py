@@ -140,3 +140,11 @@ def test_a_user_sweep_recipe_runs_as_listed(tmp_path: Path, capsys: pytest.Captu
     assert proc.returncode == 0, proc.stderr[-3000:]
     statuses = [json.loads(p.read_text())["status"] for p in sorted((tmp_path / "sweep").glob("*/status.json"))]
     assert statuses == ["ok", "ok"]
+
+
+def test_a_recipe_naming_the_sweep_folder_validates_from_a_folder_with_spaces(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_dir = tmp_path / "my configs, v2"  # a comma and a space: both need quoting in an override
+    write_recipe(config_dir, "here", "# Question: does it resolve?\nworkload:\n  path: ${hydra:sweep.dir}/p.jsonl\n")
+    assert main(["--config-dir", str(config_dir), "validate", "here"]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines() == ["ok      here", "1 ok, 0 failed"]
