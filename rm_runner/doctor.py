@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -42,24 +41,27 @@ def _options(group: str, overrides: list[str], names: Optional[set[str]] = None)
     return found
 
 
-def device_availability(name: str, backend_cls: Any, python: Optional[str]) -> Any:
-    """The backend's own check, run in the device's environment (``device.python``) when it has one."""
+def device_availability(backend: Any) -> Any:
+    """The backend's own check with its options, run in the device's environment
+    (``device.python``) when it has one: a run checks there too, after re-executing itself."""
     from rm_runner.backends.base import Availability
 
+    python = backend.options.python
     if not python:
-        return backend_cls.is_available()
+        return backend.availability()
     path = pyenv.resolve(python)
     if not pyenv.exists(path):
         return Availability(False, f"device.python={python} does not exist",
                             "create that venv and install the device's packages in it, or set device.python=null")
-    code = ("import json; from rm_runner.backends.registry import backend_classes as b; "
-            f"a = b()[{name!r}].is_available(); print(json.dumps([a.ok, a.reason, a.fix]))")
-    result = subprocess.run([path, "-c", code], capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        return Availability(False, f"device.python={python} cannot run rm_runner's check: "
-                                   f"{(result.stderr.strip().splitlines() or ['?'])[-1]}",
+    options = {k: getattr(v, "value", v) for k, v in vars(backend.options).items() if k != "python"}
+    code = ("import json, sys; from rm_runner.backends.registry import backend_classes as b; "
+            "a = b()[sys.argv[1]](**json.loads(sys.argv[2])).availability(); "
+            "print(json.dumps({'ok': a.ok, 'reason': a.reason, 'fix': a.fix}))")
+    result = pyenv.run_json(path, code, backend.name, json.dumps(options))
+    if "error" in result:
+        return Availability(False, f"device.python={python} cannot run rm_runner's check: {result['error']}",
                             f"{path} -m pip install rm-runner")
-    return Availability(*json.loads(result.stdout))
+    return Availability(result["ok"], result["reason"], result["fix"])
 
 
 def engine_python(name: str, configured: Optional[str], engine_cls: Any, backend_cls: Any) -> str:
@@ -73,9 +75,10 @@ def engine_python(name: str, configured: Optional[str], engine_cls: Any, backend
 
 
 def diagnose(overrides: list[str]) -> dict[str, Any]:
-    from rm_runner.backends.registry import backend_classes
-
     from hydra.utils import get_class
+
+    from rm_runner.backends.registry import backend_classes
+    from rm_runner.runner import build
 
     backends = backend_classes()
     devices = _options("device", overrides, set(backends))  # device=auto/plugin choose among these
@@ -84,8 +87,8 @@ def diagnose(overrides: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {"python": sys.executable, "devices_present": devices_present(backends),
                               "environments": {}, "matrix": []}
     for device, backend_cls in backends.items():
-        device_python = (devices.get(device) or {}).get("python")
-        availability = device_availability(device, backend_cls, device_python)
+        backend = build("device", devices[device]) if device in devices else backend_cls()
+        availability = device_availability(backend)
         for engine, spec in engines.items():
             python = engine_python(engine, spec["python"], spec["class"], backend_cls)
             if not availability:

@@ -83,11 +83,9 @@ def _judge(cfg: DictConfig, job_dir: Optional[Path]) -> dict[str, Any]:
     if job_dir is not None and not cfg.sweep.force and completed(cfg, job_dir):
         return {"would": "skip", "reason": f"already completed in {job_dir} (sweep.force=true reruns it)"}
     backend = build("device", cfg.device)
-    device_python = cfg.device.get("python")
-    available = device_availability(backend.name, type(backend), device_python) if device_python else backend.availability()
+    available = device_availability(backend)
     if not available:
-        reason = f"device={backend.name} is not available here: {available.describe()}"
-        return {"would": "skip" if job_dir is not None else "fail", "reason": reason}
+        return {"would": "skip" if job_dir is not None else "fail", "reason": available.unavailable(backend.name)}
     from hydra.utils import get_class
 
     engine_cls = get_class(cfg.engine._target_)

@@ -34,20 +34,29 @@ def exists(python: str) -> bool:
     return path.is_file() and path.stat().st_mode & 0o111 != 0
 
 
-@functools.lru_cache(maxsize=None)
-def probe(python: str, modules: tuple[str, ...] = (), dists: tuple[str, ...] = ()) -> dict:
-    """What ``python`` has: importable modules and installed distributions' versions.
-    ``{"error": ...}`` when it does not exist or does not run."""
+def run_json(python: str, code: str, *args: str) -> dict:
+    """Run ``python -c code args`` and read the JSON object it prints last;
+    ``{"error": ...}`` when the interpreter is missing, fails, hangs or prints no such line."""
     if not exists(python):
         return {"error": f"{python} does not exist"}
     try:
-        out = subprocess.run([python, "-c", _PROBE, json.dumps([list(modules), list(dists)])],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"error": f"{python} did not run: {exc}"}
     if out.returncode != 0:
         return {"error": f"{python} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"}
-    return json.loads(out.stdout)
+    try:  # the last line: an SDK may print banners of its own first
+        result = json.loads((out.stdout.strip().splitlines() or [""])[-1])
+    except ValueError:
+        result = None
+    return result if isinstance(result, dict) else {"error": f"{python} printed no result: {out.stdout[-200:]!r}"}
+
+
+@functools.lru_cache(maxsize=None)
+def probe(python: str, modules: tuple[str, ...] = (), dists: tuple[str, ...] = ()) -> dict:
+    """What ``python`` has: importable modules and installed distributions' versions.
+    ``{"error": ...}`` when it does not exist or does not run."""
+    return run_json(python, _PROBE, json.dumps([list(modules), list(dists)]))
 
 
 def has_modules(python: str, *modules: str) -> list[str]:

@@ -45,9 +45,7 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
     backend = build("device", cfg.device)
     availability = backend.availability()
     if not availability:
-        raise DeviceUnavailableError(
-            f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"
-        )
+        raise DeviceUnavailableError(availability.unavailable(backend.name))
     engine = build("engine", cfg.engine, backend=backend)
     engine.log_dir = run_dir.path
     steps = [build(f"pipeline.steps[{i}]", step) for i, step in enumerate(cfg.pipeline.steps)]

