@@ -11,13 +11,15 @@ the wall time of the whole command both ways and the difference (what isolation 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rm_runner.compare import read_run
+from rm_runner.rundir import job_dirs
 
 
 def timed(args: list[str]) -> float:
@@ -30,7 +32,10 @@ def timed(args: list[str]) -> float:
 
 
 def throughput(run_dir: Path) -> float:
-    return json.loads((run_dir / "metrics.json").read_text())["benchmark"]["summary"]["output_throughput"]["mean"]
+    figure = read_run(run_dir, str(run_dir)).figures.get("output_throughput")
+    if figure is None:
+        sys.exit(f"{run_dir}: no benchmark output_throughput; give a --recipe with pipeline=benchmark")
+    return figure.mean
 
 
 def main() -> None:
@@ -38,6 +43,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="cpu-smoke")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     plain_rate, plain_wall, iso_rate, iso_wall = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="rm-runner-isolation-") as tmp:
         for i in range(args.rounds):
@@ -45,8 +52,9 @@ def main() -> None:
             plain_wall.append(timed([f"+recipe={args.recipe}", f"hydra.run.dir={run}"]))
             plain_rate.append(throughput(run))
             sweep = Path(tmp) / f"sweep-{i}"
-            iso_wall.append(timed(["-m", f"+recipe={args.recipe}", f"hydra.sweep.dir={sweep}"]))
-            iso_rate.append(throughput(next(p for p in sweep.iterdir() if (p / "metrics.json").exists())))
+            # the job alone: the sweep's summary callback (plots) is not part of isolation's cost
+            iso_wall.append(timed(["-m", f"+recipe={args.recipe}", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.summary"]))
+            iso_rate.append(throughput(job_dirs(sweep)[0]))
             print(f"round {i + 1}: plain {plain_rate[-1]:.1f} tok/s in {plain_wall[-1]:.2f} s, "
                   f"isolated {iso_rate[-1]:.1f} tok/s in {iso_wall[-1]:.2f} s", flush=True)
     p, q = statistics.median(plain_rate), statistics.median(iso_rate)
