@@ -64,11 +64,14 @@ class RemoteBackend(Backend):
                                 "start the server, or set device.base_url to where it listens")
         return found
 
+    def _api_key(self) -> str:
+        return os.environ.get(self.options.api_key_env) or "EMPTY"
+
     def _client(self) -> Any:
         from openai import OpenAI
 
-        key = os.environ.get(self.options.api_key_env) or "EMPTY"
-        return OpenAI(base_url=self.options.base_url, api_key=key, timeout=self.options.timeout_s, max_retries=0)
+        return OpenAI(base_url=self.options.base_url, api_key=self._api_key(), timeout=self.options.timeout_s,
+                      max_retries=0)
 
     def initialize(self) -> None:
         log.info("remote backend: %s", self.options.base_url)
@@ -89,7 +92,7 @@ class RemoteBackend(Backend):
 
     def openai_endpoint(self, model: RemoteModel) -> tuple[str, str, str]:
         """(base URL, served model name, API key): what a load generator needs to reach the server."""
-        return self.options.base_url, model.served_name, os.environ.get(self.options.api_key_env) or "EMPTY"
+        return self.options.base_url, model.served_name, self._api_key()
 
     def streams(self, model: Any) -> bool:
         """The server streams tokens (vLLM's ``return_token_ids`` names them), so rows can be
@@ -109,13 +112,17 @@ class RemoteBackend(Backend):
                     top_p=(kwargs.get("top_p") or 1.0) if sample else 1.0, seed=kwargs.get("seed"),
                     extra_body=extra, stream=stream)
 
-    def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any]) -> list[int]:
-        response = model.client.completions.create(**self._request(model, prompt_ids, kwargs, stream=False))
-        choice = response.choices[0]
+    @staticmethod
+    def _token_ids(model: RemoteModel, choice: Any) -> list[int]:
+        """A choice's tokens: as the server names them (vLLM's ``token_ids``), else its text re-tokenized."""
         ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
         if ids is None:  # a server that returns text only
-            ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
+            ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"] if choice.text else []
         return list(ids)
+
+    def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any]) -> list[int]:
+        response = model.client.completions.create(**self._request(model, prompt_ids, kwargs, stream=False))
+        return self._token_ids(model, response.choices[0])
 
     def _stream_rows(self, model: RemoteModel, prompts: list[list[int]], kwargs: dict[str, Any], criteria: Any,
                      pad: int) -> list[list[int]]:
@@ -133,10 +140,7 @@ class RemoteBackend(Backend):
                 with stream:
                     for chunk in stream:
                         for choice in chunk.choices:
-                            ids = getattr(choice, "token_ids", None) or (choice.model_extra or {}).get("token_ids")
-                            if ids is None and choice.text:
-                                ids = model.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
-                            for token in ids or ():
+                            for token in self._token_ids(model, choice):
                                 queues[row].put(token)
                         if stop[row].is_set():
                             return
