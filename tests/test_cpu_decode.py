@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rm_runner.backends import cpu_decode
+from rm_runner.backends import cpu_decode, cpu_linear
 from rm_runner.backends.cpu import CPUBackend
 from rm_runner.config import ModelConfig
 from rm_runner.models.tiny_random import TinyRandom
@@ -78,3 +78,12 @@ def test_other_attention_and_callers_models_keep_transformers_forward(models, pa
 
     callers = CPUBackend().prepare_model(AutoModelForCausalLM.from_pretrained(path), CONFIG)
     assert not cpu_decode.installed(callers) and not any("forward" in vars(m) for m in callers.modules())
+
+
+@pytest.mark.skipif(not cpu_linear.supported(torch.bfloat16), reason="oneDNN bfloat16 needs AVX512-BF16 or AMX")
+def test_lean_decode_is_exact_in_bfloat16_too(path: str) -> None:
+    config = ModelConfig(name="tiny-random", source=None, dtype="bfloat16")
+    fast, plain = CPUBackend(), CPUBackend(fast_decode=False)
+    fast_model, plain_model = fast.prepare_model(path, config), plain.prepare_model(path, config)
+    assert cpu_decode.installed(fast_model) and next(fast_model.parameters()).dtype == torch.bfloat16
+    assert_same(generate(fast, fast_model), generate(plain, plain_model))
