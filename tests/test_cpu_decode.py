@@ -54,6 +54,10 @@ def test_lean_decode_gives_transformers_logits_exactly(models) -> None:
     layers = layers.layers
     assert {type(layer) for layer in layers} == {cpu_decode.PreallocatedLayer}
     assert layers[0]._key_buffer.shape[-2] == 6 + 12 and layers[0].keys.shape[-2] == 6 + 11
+    # a prompt longer than its answer still gets a buffer of exactly prompt + new tokens
+    short = fast.execute(fast_model, padded_batch(), max_new_tokens=2, do_sample=False, eos_token_id=None,
+                         pad_token_id=3, return_dict_in_generate=True)
+    assert (getattr(short, "cache", None) or short.past_key_values).layers[0]._key_buffer.shape[-2] == 6 + 2
 
 
 def test_cache_outgrowing_its_buffers_and_beam_search_stay_exact(models) -> None:

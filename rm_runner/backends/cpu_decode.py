@@ -6,9 +6,9 @@ every layer's KV cache copied whole by ``torch.cat`` to grow by one token). For 
 whose code is Llama's (Llama, Mistral, Qwen2 without sliding window), after ``cpu_linear`` fused
 its q/k/v, ``install`` gives the layer a decode forward that runs the same tensor operations in
 the same order (so the numbers are bit-identical: tests compare logits exactly) with less around
-them: the norms in one ATen call each, attention still through transformers' own SDPA function. ``new_cache`` is a
-``DynamicCache`` whose layers write new keys and values into buffers sized for the whole
-generation and hand attention views of them, instead of concatenating. Prefill, other caches,
+them: the norms in one ATen call each, attention still through transformers' own SDPA function.
+``new_cache`` is a ``DynamicCache`` whose layers write new keys and values into buffers sized for
+the whole generation and hand attention views of them, instead of concatenating. Prefill, other caches,
 other attention implementations and everything else take transformers' own path.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rm_runner.backends.cpu_linear import FusedProjection
 
@@ -56,7 +57,7 @@ class PreallocatedLayer(DynamicLayer):
         held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         total = held + key_states.shape[-2]
         if not self._holds_buffer() or total > self._key_buffer.shape[-2]:
-            size = max(self.capacity, 2 * total)
+            size = self.capacity if total <= self.capacity else 2 * total  # outgrown: double, amortized
             keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
             values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
             if held:
@@ -118,8 +119,6 @@ def _rms_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """One token per row through the layer; anything else goes to the layer's own forward."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     attn = self.self_attn
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     position_embeddings = kwargs.get("position_embeddings")
