@@ -1,4 +1,5 @@
-"""The GPU backend's PyTorch CUDA path; skipped cleanly where no CUDA device is visible."""
+"""The GPU backend's PyTorch CUDA path; skipped cleanly where no CUDA device is visible (but for
+the generate() defaults, which need no GPU)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ import pytest
 from rm_runner.backends.gpu import GPUBackend
 from tests.conftest import cli, token_ids
 
-pytestmark = pytest.mark.skipif(not GPUBackend.is_available(),
-                                reason=f"needs a CUDA GPU: {GPUBackend.is_available().describe()}")
+needs_gpu = pytest.mark.skipif(not GPUBackend.is_available(),
+                               reason=f"needs a CUDA GPU: {GPUBackend.is_available().describe()}")
 
 
+def test_static_cache_default_stays_out_of_a_call_that_brings_its_own_cache() -> None:
+    static, dynamic = GPUBackend(static_cache=True), GPUBackend(static_cache=False)
+    assert static.generate_defaults(None, {}, {"max_new_tokens": 4}) == {"cache_implementation": "static"}
+    assert dynamic.generate_defaults(None, {}, {"max_new_tokens": 4}) == {}
+    # transformers refuses a cache object beside cache_implementation: a hooked caller's own cache wins
+    for own in ({"past_key_values": object()}, {"cache": object()}, {"use_cache": False},
+                {"cache_implementation": "offloaded"}):
+        assert static.generate_defaults(None, {}, own) == {}
+
+
+@needs_gpu
 @pytest.mark.parametrize("static_cache", ["true", "false"])
 def test_gpu_float32_greedy_matches_cpu(tmp_path: Path, static_cache: str) -> None:
     common = ("model=tiny-random", "model.dtype=float32", "generation.max_new_tokens=12")
@@ -24,6 +36,7 @@ def test_gpu_float32_greedy_matches_cpu(tmp_path: Path, static_cache: str) -> No
     assert token_ids(tmp_path / "gpu") == token_ids(tmp_path / "cpu")
 
 
+@needs_gpu
 def test_gpu_bfloat16_with_compiled_static_cache_runs_batched(tmp_path: Path) -> None:
     proc = cli("device=gpu", "device.mode=pytorch", "model=tiny-random", "model.dtype=bfloat16",
                "generation.max_new_tokens=16", "generation.ignore_eos=true", f"hydra.run.dir={tmp_path}")
@@ -32,6 +45,7 @@ def test_gpu_bfloat16_with_compiled_static_cache_runs_batched(tmp_path: Path) ->
     assert [r["output_tokens"] for r in records] == [16] * 4
 
 
+@needs_gpu
 def test_hook_switches_a_model_between_cpu_and_gpu() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

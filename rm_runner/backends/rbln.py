@@ -85,12 +85,12 @@ class RBLNBackend(Backend):
     priority = 400
     options_class = RBLNOptions
     packages = ("optimum-rbln", "rebel-compiler", "vllm-rbln")
+    vllm_install = INSTALL_VLLM_RBLN
 
     @classmethod
     def hardware(cls) -> list[str]:
         """The NPU lines of ``rbln-stat`` (Rebellions' driver tool)."""
         return [line.strip() for line in (tool_output("rbln-stat") or "").splitlines() if "RBLN" in line]
-    vllm_install = INSTALL_VLLM_RBLN
 
     @classmethod
     def is_available(cls) -> Availability:

@@ -37,6 +37,14 @@ class TransformersTorchBackend(Backend):
         """``generate()`` keywords this device adds to this call unless the caller sets them."""
         return {}
 
+    @staticmethod
+    def caller_manages_cache(kwargs: dict[str, Any]) -> bool:
+        """True when a ``generate()`` call brings its own cache or turns caching off: a device's
+        cache default must then stay out (transformers refuses a cache object beside
+        ``cache_implementation``)."""
+        return bool({"cache", "past_key_values"} & kwargs.keys() or kwargs.get("cache_implementation")
+                    or kwargs.get("use_cache") is False)
+
     def dtype_name(self, dtype: Any) -> str:
         name = getattr(dtype, "value", dtype)
         if name == "auto":
