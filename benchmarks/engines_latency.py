@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from rm_runner.benchmark.metrics import stats
+from rm_runner.rundir import atomic_write_text
 
 PROMPT = "What is the capital of France?"
 
@@ -38,12 +39,12 @@ def run_engine(python: str, engine: str, requests: int, new_tokens: int, work: P
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     latencies = [json.loads(line)["latency_s"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    steady = latencies[1:]  # the first request warms caches in every engine
+    steady = stats(latencies[1:])  # the first request warms caches in every engine
     return {
         "ready_s": metrics["engine"].get("ready_s") or 0.0,
         "load_s": metrics["load_time_s"],
-        "p50_ms": round(1000 * stats(steady)["p50"], 1),
-        "p90_ms": round(1000 * stats(steady)["p90"], 1),
+        "p50_ms": round(1000 * steady["p50"], 1),
+        "p90_ms": round(1000 * steady["p90"], 1),
         "wall_s": round(wall, 1),
     }
 
@@ -82,8 +83,8 @@ def main() -> None:
         lines.append(f"| {engine} | {r['ready_s']} | {r['p50_ms']} | {r['p90_ms']} | {overhead} | {r['wall_s']} |")
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "table.md").write_text(table + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out / "table.md", table + "\n")
     try:
         import matplotlib
 

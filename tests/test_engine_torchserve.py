@@ -24,7 +24,6 @@ def test_torchserve_answers_like_the_local_engine_and_binds_loopback_only(tmp_pa
     assert "disable_token_authorization=true" in (tmp_path / "torchserve" / "torchserve" / "config.properties").read_text()
 
 
-
 def test_the_api_serves_through_torchserve(tmp_path: Path) -> None:
     """pipeline=serve engine=torchserve: OpenAI clients reach a model that TorchServe runs, streamed
     requests through TorchServe's intermediate responses, a step at a time."""

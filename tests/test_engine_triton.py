@@ -24,7 +24,6 @@ def test_triton_answers_like_the_local_engine_and_binds_loopback_only(tmp_path: 
     assert "Started HTTPService" in (tmp_path / "triton" / "triton-server.log").read_text()
 
 
-
 def test_sigterm_to_the_run_stops_the_server_and_records_it(tmp_path: Path) -> None:
     import signal
     import subprocess

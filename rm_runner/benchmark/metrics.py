@@ -61,18 +61,21 @@ def summarize_repetition(records: list[dict[str, Any]], duration_s: float) -> di
         "request_throughput": _r(len(ok) / duration_s) if duration_s > 0 else None,
         "output_throughput": _r(out_tokens / duration_s) if duration_s > 0 else None,
         "total_token_throughput": _r((out_tokens + prompt_tokens) / duration_s) if duration_s > 0 else None,
-        "ttft_s": stats(r["ttft_s"] for r in ok if r["ttft_s"] is not None),
-        "tpot_s": stats(tpot_values(ok)),
-        "itl_s": stats(gap for r in ok for gap in r["itl_s"]),
-        "e2el_s": stats(r["e2el_s"] for r in ok),
+        **{figure: stats(values) for figure, values in latency_series(ok).items()},
     }
     return summary
 
 
-def tpot_values(records: list[dict[str, Any]]) -> list[float]:
-    """Each request's time per output token after the first (requests with a first token and more)."""
-    return [(r["e2el_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in records
-            if r["output_tokens"] > 1 and r["ttft_s"] is not None]
+def latency_series(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The per-request latencies of successful records, by figure: what both the summary and the
+    server-agreement check reduce (TPOT only for requests with a first token and more)."""
+    return {
+        "ttft_s": [r["ttft_s"] for r in records if r["ttft_s"] is not None],
+        "tpot_s": [(r["e2el_s"] - r["ttft_s"]) / (r["output_tokens"] - 1) for r in records
+                   if r["output_tokens"] > 1 and r["ttft_s"] is not None],
+        "itl_s": [gap for r in records for gap in r["itl_s"]],
+        "e2el_s": [r["e2el_s"] for r in records],
+    }
 
 
 def headline(repetition: dict[str, Any], name: str) -> Optional[float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from typing import Any, Optional
 
-from rm_runner.benchmark.metrics import tpot_values
+from rm_runner.benchmark.metrics import latency_series
 
 # Figure -> the Prometheus families that hold it (a histogram's _sum/_count, a counter's _total).
 FAMILIES = {
@@ -54,12 +54,7 @@ def snapshot(base_url: str, api_key: Optional[str]) -> Optional[Snapshot]:
 def agreement(before: Snapshot, after: Snapshot, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Server and client means over the same requests, side by side, with their ratio."""
     ok = [r for r in records if r["ok"]]
-    client = {
-        "ttft_s": _mean(r["ttft_s"] for r in ok if r["ttft_s"] is not None),
-        "itl_s": _mean(g for r in ok for g in r["itl_s"]),
-        "tpot_s": _mean(tpot_values(ok)),
-        "e2el_s": _mean(r["e2el_s"] for r in ok),
-    }
+    client = {figure: _mean(values) for figure, values in latency_series(ok).items()}
     rows: dict[str, Any] = {}
     for figure, mine in client.items():
         if figure in after and figure in before:

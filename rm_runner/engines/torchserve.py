@@ -106,7 +106,7 @@ class TorchServeEngine(ServedEngine):
             self.ports[key] = claim_port(self.host, port, key=f"engine.{key}")
         found = self.check_environment(self.python, type(self.backend))
         if not found:
-            raise EngineError(f"{found.reason}. Fix: {found.fix}")
+            raise EngineError(found.describe())
         self._started = True
 
     @classmethod

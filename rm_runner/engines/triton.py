@@ -154,7 +154,7 @@ class TritonEngine(ServedEngine):
             return
         found = self.check_environment(self.python, type(self.backend))
         if not found:
-            raise EngineError(f"{found.reason}. Fix: {found.fix}")
+            raise EngineError(found.describe())
         if self.python != sys.executable:
             raise EngineError("engine=triton's client runs in the same venv as its server: "
                               f"run rm_runner with {self.python} -m rm_runner")

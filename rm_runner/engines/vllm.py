@@ -54,7 +54,7 @@ class VLLMServerEngine(ServedEngine):
         self.port = claim_port(self.host, self.port)
         found = self.check_environment(self.python, type(self.backend))
         if not found:
-            raise EngineError(f"{found.reason}. Fix: {found.fix}")
+            raise EngineError(found.describe())
         self._started = True
 
     def load_model(self, path: Path, config: ModelConfig) -> None:
