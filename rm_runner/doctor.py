@@ -24,21 +24,38 @@ from rm_runner.environment import devices_present
 
 # What the API itself needs, in every environment that may serve it.
 API_PACKAGES = ("fastapi", "uvicorn", "pydantic", "prometheus-client")
+# The config groups whose every option the doctor composes.
+GROUPS = ("device", "engine")
 
 
 def _options(group: str, overrides: list[str], names: Optional[set[str]] = None) -> dict[str, Any]:
-    """Each option of a config group (those in ``names``) as a run would compose it (with ``overrides``)."""
+    """Each option of a config group (those in ``names``) as a run would compose it (with ``overrides``).
+
+    An override of the group's own keys goes to the options that have that key
+    (``device.base_url`` is the remote device's alone); one that no option has goes to all, for
+    Hydra's own "Could not override" error. The other doctor group's overrides stay out.
+    """
     from hydra import compose
 
     from rm_runner.config import composing
 
-    found = {}
+    def field(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0][len(group) + 1:].split(".")[0]
+
+    own = [o for o in overrides if o.lstrip("+~").startswith(f"{group}.")]
+    shared = [o for o in overrides if not o.lstrip("+~").startswith(tuple(f"{g}." for g in GROUPS))]
+    stems = [path.stem for path in sorted((Path(__file__).parent / "conf" / group).glob("*.yaml"))
+             if names is None or path.stem in names]
     with composing():
-        for path in sorted((Path(__file__).parent / "conf" / group).glob("*.yaml")):
-            if names is not None and path.stem not in names:
-                continue
-            found[path.stem] = compose(config_name="config", overrides=[f"{group}={path.stem}", *overrides])[group]
-    return found
+        plain = {stem: compose(config_name="config", overrides=[f"{group}={stem}", *shared])[group]
+                 for stem in stems}
+        takers = {o: [stem for stem, node in plain.items() if field(o) in node] or stems for o in own}
+        found = {}
+        for stem, node in plain.items():
+            mine = [o for o in own if stem in takers[o]]
+            found[stem] = compose(config_name="config", overrides=[f"{group}={stem}", *shared, *mine])[group] \
+                if mine else node
+        return found
 
 
 def device_availability(backend: Any) -> Any:
@@ -152,15 +169,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. engine.python=PATH (as for a run)")
     args = parser.parse_args(argv)
+    from hydra.errors import HydraException
+
+    from rm_runner.errors import ConfigError
+    from rm_runner.recipes import error_message
+
     try:
         report = diagnose(args.overrides)
-    except Exception as exc:  # an override that does not compose: say which, as a run would
-        from hydra.errors import HydraException
-
-        from rm_runner.recipes import error_message
-
-        if not isinstance(exc, HydraException):
-            raise
+    except (HydraException, ConfigError) as exc:  # an override that does not compose or validate: say which
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))

