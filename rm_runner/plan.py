@@ -51,10 +51,14 @@ def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None
         plain = [*plain, *search]
         base = _compose(plain)
         params = (OmegaConf.select(base, "hydra.sweeper.params") or {}) if multirun else {}
-        combos = sweep_jobs(sweeps)  # [[]] without sweeps
-        if params:  # a recipe's own sweep, crossed with the command line's
-            recipe_jobs = sweep_jobs({str(k): str(v) for k, v in params.items()})
-            combos = [[*c, *job] for c in combos for job in recipe_jobs]
+        # As Hydra's basic sweeper: a recipe's params first, then the command line's; a key given in
+        # both keeps its place and takes the command line's value (a plain one ends that sweep).
+        merged = {str(k): str(v) for k, v in params.items()}
+        for text in plain:
+            key, _, value = text.lstrip("+~").partition("=")
+            if key in merged:
+                merged[key] = value
+        combos = sweep_jobs({**merged, **sweeps})  # [[]] without sweeps
         for num, combo in enumerate(combos):
             entry: dict[str, Any] = {"job": num, "overrides": " ".join(combo) or "(defaults)"}
             try:

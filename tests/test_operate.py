@@ -132,6 +132,19 @@ def test_dry_run_plans_a_sweep_without_loading_or_writing(tmp_path: Path) -> Non
     assert single.returncode == 1 and "would fail" in single.stdout
 
 
+def test_dry_run_numbers_a_recipe_sweep_as_hydra_does(tmp_path: Path) -> None:
+    def jobs(*args: str) -> list[str]:
+        result = cli("--dry-run", "-m", "+recipe=compare-devices", "model=tiny-random", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+        return [r[2].strip() for r in rows[1:]]
+
+    # the recipe's device sweep is the outer loop, the command line's inner: job numbers match Hydra's
+    assert jobs("generation.max_new_tokens=4,8") == [
+        f"device={d} generation.max_new_tokens={n}" for d in ("cpu", "gpu", "rbln") for n in (4, 8)]
+    assert jobs("device=cpu") == ["device=cpu"]  # a plain value on the command line ends the recipe's sweep
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["model=nope"], "error: In 'config': Could not find 'model/nope'; available options in 'model': "),
     (["generation.temperature=["], "error: no viable alternative at input '['"),
