@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS, atomic_write_text, job_dirs
+from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, job_dirs
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -80,10 +80,6 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------- reading
-
-def is_run_dir(path: Path) -> bool:
-    return (path / STATUS).is_file()
-
 
 def higher_is_better(name: str) -> bool:
     """Times (``*_s``) are better low, rates (throughputs, ``*_per_s``) high: see the module rule."""

@@ -110,13 +110,18 @@ def read_json_or_none(path: Path) -> Any:
         return None
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory: every run writes its status first."""
+    return (path / STATUS).is_file()
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The run directories of a sweep (``<num>_<overrides>``), in job-number order."""
     def order(path: Path) -> tuple[float, str]:
         num = path.name.partition("_")[0]
         return (int(num) if num.isdigit() else float("inf"), path.name)
 
-    return sorted((p for p in sweep_dir.iterdir() if (p / STATUS).is_file()), key=order)
+    return sorted((p for p in sweep_dir.iterdir() if is_run_dir(p)), key=order)
 
 
 def _iso(ts: float) -> str:

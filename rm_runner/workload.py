@@ -88,8 +88,8 @@ def _read_sharegpt(path: Path) -> list[Request]:
             continue  # nothing to ask
         question = turns[human].get("value")
         after = turns[human + 1] if human + 1 < len(turns) else {}
-        reply = after.get("value") if isinstance(after, dict) else 0  # 0: not a turn, refused below
-        if not isinstance(question, str) or not isinstance(reply, (str, type(None))):
+        reply = after.get("value") if isinstance(after, dict) else None
+        if not isinstance(question, str) or not isinstance(after, dict) or not isinstance(reply, (str, type(None))):
             raise ConfigError(f"workload.sharegpt_path {path}: entry {i}: every turn needs a string 'value'")
         requests.append(Request(id=str(item.get("id", i)), messages=[{"role": "user", "content": question}],
                                 reference_output=reply or None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,15 @@ def test_an_unknown_reference_device_is_named_before_loading(tiny) -> None:
     with pytest.raises(ConfigError, match=r"^parity.reference_device=tpu is not a registered backend; "
                                           r"registered: auto, .*cpu"):
         tiny(*SHORT, "parity.reference_device=tpu")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("parity.max_logprob_diff=-0.1", "parity.max_logprob_diff must be >= 0 or null, got -0.1"),
+    ("parity.min_match_fraction=1.5", "parity.min_match_fraction must be in [0, 1], got 1.5"),
+])
+def test_parity_thresholds_out_of_range_are_named(tiny, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny(*SHORT, override)
 
 
 def test_cli_unavailable_target_fails_before_loading(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rm_runner.rundir import METRICS, OVERRIDES, STATUS, job_dirs, read_json_or_none
+from rm_runner.rundir import (METRICS, OVERRIDES, STATUS, atomic_write_bytes, atomic_write_text, job_dirs,
+                              read_json_or_none)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    from rm_runner.rundir import atomic_write_text
-
     rows = collect(sweep_dir)
     if not rows:
         log.warning("no jobs under %s", sweep_dir)
@@ -126,8 +125,6 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rm_runner.rundir import atomic_write_bytes
 
     done = [r for r in rows if r["status"] == "ok" and r.get("output tok/s") is not None]
     if not done:
