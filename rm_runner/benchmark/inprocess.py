@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rm_runner.config import GenerationConfig, LoadProfile
 from rm_runner.requests import Request
+
+if TYPE_CHECKING:  # every engine is one (served ones too); imported for the type only
+    from rm_runner.engines.local import LocalEngine
 
 
 @dataclass
@@ -27,7 +30,7 @@ class InProcessResult:
     decode_s: float = 0.0
 
 
-def run(engine: Any, requests: list[Request], generation: GenerationConfig, profile: LoadProfile,
+def run(engine: LocalEngine, requests: list[Request], generation: GenerationConfig, profile: LoadProfile,
         on_request_done: Callable[[], None] = lambda: None) -> InProcessResult:
     """All requests once: in batches of ``engine.batch_size`` (``batch``, all submitted at t=0) or
     one at a time (``synchronous``, each sent when the previous one finished)."""
