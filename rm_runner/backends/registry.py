@@ -31,12 +31,19 @@ def backend_classes() -> dict[str, type[Backend]]:
     return dict(sorted(found.items(), key=lambda item: -item[1].priority))
 
 
+def check_registered(name: str, field: str, allow_auto: bool = False) -> dict[str, type[Backend]]:
+    """The registered backends, once ``name`` (the value of ``field``) is among them: said before
+    anything loads, naming the field the user wrote."""
+    classes = backend_classes()
+    known = ["auto", *classes] if allow_auto else list(classes)
+    if name not in known:
+        raise ConfigError(f"{field}={name} is not a registered backend; registered: {', '.join(known)}")
+    return classes
+
+
 def get(name: str, options: dict[str, Any] | None = None) -> Backend:
     """Build the backend registered as ``name`` (``device=plugin device.name=NAME``)."""
-    classes = backend_classes()
-    if name not in classes:
-        raise ConfigError(f"device.name={name} is not a registered backend; registered: {', '.join(classes)}")
-    return classes[name](**(options or {}))
+    return check_registered(name, "device.name")[name](**(options or {}))
 
 
 def auto(**options: Any) -> Backend:

@@ -14,10 +14,10 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 import rm_runner
-from rm_runner.backends.registry import backend_classes
+from rm_runner.backends.registry import check_registered
 from rm_runner.config import Dtype, ParityConfig
 from rm_runner.engines.local import render
-from rm_runner.errors import ConfigError, RunnerError
+from rm_runner.errors import RunnerError
 from rm_runner.pipeline.context import RunContext
 from rm_runner.workload import with_tokenizer
 
@@ -41,10 +41,7 @@ class Parity:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         parity: ParityConfig = OmegaConf.to_object(ctx.cfg.parity)
-        registered = backend_classes()
-        if parity.reference_device not in ("auto", *registered):  # said before anything loads
-            raise ConfigError(f"parity.reference_device={parity.reference_device} is not a registered backend; "
-                              f"registered: auto, {', '.join(registered)}")
+        check_registered(parity.reference_device, "parity.reference_device", allow_auto=True)
         path = ctx.model_source.resolve()
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=ctx.model.trust_remote_code)
         ctx.requests = with_tokenizer(ctx.requests, tokenizer, ctx.cfg.workload)
