@@ -32,7 +32,10 @@ def timed(args: list[str]) -> float:
 
 
 def throughput(run_dir: Path) -> float:
-    figure = read_run(run_dir, str(run_dir)).figures.get("output_throughput")
+    run = read_run(run_dir, str(run_dir))
+    if not run.comparable:  # skipped (its device is not here) or failed: say why, as the run did
+        sys.exit(f"{run_dir}: {run.status}: {run.reason}")
+    figure = run.figures.get("output_throughput")
     if figure is None:
         sys.exit(f"{run_dir}: no benchmark output_throughput; give a --recipe with pipeline=benchmark")
     return figure.mean

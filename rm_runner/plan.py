@@ -116,15 +116,13 @@ def main(argv: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flag = next((i for i, a in enumerate(argv) if a in ("--config-dir", "-cd")), None)
     config_dir = Path(argv[flag + 1]) if flag is not None and flag + 1 < len(argv) else None
+    from hydra.errors import HydraException
+
+    from rm_runner.recipes import error_message
+
     try:
         jobs = plan(command_line_overrides(argv), multirun, config_dir)
-    except Exception as exc:  # the command line itself does not compose: one line naming it, as a run says
-        from hydra.errors import HydraException
-
-        from rm_runner.recipes import error_message
-
-        if not isinstance(exc, (HydraException, ConfigError)):
-            raise
+    except (HydraException, ConfigError) as exc:  # the command line does not compose: one line naming it
         print(f"error: {error_message(exc)}", file=sys.stderr)
         return 2
     print(render(jobs))

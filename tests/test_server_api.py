@@ -233,7 +233,10 @@ def _wait_for_record(server: Server, match, timeout_s: float = 30.0) -> dict:
 
 def test_run_directory_after_sigterm(tmp_path: Path) -> None:
     srv = Server(tmp_path / "run", f"model={MODEL}", "server.served_model_name=my-model")
-    stream = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0).completions.create(
+    client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError):  # counted as a failed request in the summary below
+        client.completions.create(model="my-model", prompt="", max_tokens=4)
+    stream = client.completions.create(
         model="my-model", prompt="go on", max_tokens=600, temperature=0, stream=True, extra_body={"ignore_eos": True})
     first = next(iter(stream))
     srv.proc.terminate()  # while the stream is still running: it is allowed to finish
@@ -245,7 +248,9 @@ def test_run_directory_after_sigterm(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert json.loads((run / "status.json").read_text())["status"] == "ok"
     serve = json.loads((run / "metrics.json").read_text())["serve"]
-    assert serve["requests_ok"] == 1 and serve["output_tokens"] == 600
+    assert (serve["requests"], serve["requests_ok"], serve["requests_failed"]) == (2, 1, 1)
+    latency = serve["latency_s"]  # the answered request's alone: the refused one is not among them
+    assert serve["output_tokens"] == 600 and latency["mean"] == latency["p50"] == latency["p99"]
     assert "serving my-model at http://127.0.0.1:" in out
     for name in ("config.yaml", "environment.json", "rm_runner.log", "requests.jsonl", "server.json"):
         assert (run / name).is_file(), name

@@ -38,10 +38,11 @@ class ServerMetrics:
         self.running = Gauge("rm_runner_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("rm_runner_requests_waiting", "Requests waiting for a batch", registry=r)
         self.started = time.time()
-        # For the summary: counts and the two timings, not whole records (a server may run for weeks).
-        self.answered = self.failed = 0
+        # For the summary's percentiles: the two timings of each answered request (one float each,
+        # not its whole record: a server may run for weeks), and how many failed.
         self.latencies: list[float] = []
         self.ttfts: list[float] = []
+        self.failed = 0
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -49,7 +50,6 @@ class ServerMetrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Count one finished request (its requests.jsonl record)."""
         route, status = record["route"], record["status"]
-        self.answered += 1
         self.requests.labels(route, str(status)).inc()
         if status >= 400:
             self.failed += 1
@@ -66,8 +66,8 @@ class ServerMetrics:
     def summary(self) -> dict[str, Any]:
         """The serving figures of ``metrics.json``: counts, tokens, latency and TTFT percentiles."""
         return {
-            "requests": self.answered,
-            "requests_ok": self.answered - self.failed,
+            "requests": len(self.latencies) + self.failed,
+            "requests_ok": len(self.latencies),
             "requests_failed": self.failed,
             "prompt_tokens": int(self.registry.get_sample_value("rm_runner_prompt_tokens_total")),
             "output_tokens": int(self.registry.get_sample_value("rm_runner_generation_tokens_total")),
