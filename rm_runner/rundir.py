@@ -102,12 +102,14 @@ class RunDir:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def read_json_or_none(path: Path) -> Any:
-    """A JSON file's content, or None when it is missing or unreadable (for tools that list runs)."""
+def read_json_or_none(path: Path, kind: type = dict) -> Any:
+    """A JSON file's content when it is a ``kind`` (an object unless told), else None: missing,
+    unreadable or another shape (for tools that list runs and must not stop at one bad file)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return content if isinstance(content, kind) else None
 
 
 def is_run_dir(path: Path) -> bool:

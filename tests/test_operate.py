@@ -193,3 +193,22 @@ def test_launcher_faults_are_named(tmp_path: Path) -> None:
                  "model=tiny-random", cwd=tmp_path, env={"RAY_USAGE_STATS_ENABLED": "0"})
     assert silent.returncode == 1 and time.monotonic() - began < 60
     assert "hydra.launcher.ray.init.address=127.0.0.1:9 did not answer" in silent.stderr
+
+
+def test_sweep_summary_lists_a_job_whose_files_are_malformed(tmp_path: Path) -> None:
+    """One job's hand-edited or truncated files do not take the sweep's summary down with them."""
+    from rm_runner.sweep.summary import write_summary
+
+    good, bad = tmp_path / "0_device=cpu", tmp_path / "1_device=gpu"
+    for job in (good, bad):
+        job.mkdir()
+    (good / "status.json").write_text(json.dumps({"status": "ok"}))
+    (good / "metrics.json").write_text(json.dumps({"output_tokens_per_s": 12.5, "requests_per_s": 0.5}))
+    (good / "overrides.json").write_text(json.dumps(["device=cpu"]))
+    (bad / "status.json").write_text("[1, 2]")  # JSON, but not the object rm_runner writes
+    (bad / "metrics.json").write_text('"not an object"')
+    (bad / "overrides.json").write_text(json.dumps({"device": "gpu"}))
+    rows = write_summary(tmp_path)
+    assert [(r["job"], r["status"], r["output tok/s"]) for r in rows] == [
+        (good.name, "ok", 12.5), (bad.name, "unknown", None)]
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "summary.md").is_file()

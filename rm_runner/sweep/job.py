@@ -49,8 +49,7 @@ def run_isolated(cfg: DictConfig, job_dir: Path, overrides: list[str], job_num: 
 
 
 def _status(job_dir: Path) -> dict[str, Any]:
-    status = read_json_or_none(job_dir / STATUS)
-    return status if isinstance(status, dict) else {}
+    return read_json_or_none(job_dir / STATUS) or {}
 
 
 def completed(cfg: DictConfig, job_dir: Path) -> bool:

@@ -46,7 +46,7 @@ def job_rows(job: Path) -> list[dict[str, Any]]:
     """One job's rows: its status and headline figures (one row per rate under a rate sweep)."""
     status = read_json_or_none(job / STATUS) or {}
     metrics = read_json_or_none(job / METRICS) or {}
-    overrides = read_json_or_none(job / OVERRIDES) or []
+    overrides = read_json_or_none(job / OVERRIDES, list) or []
     base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
             "status": status.get("status", "unknown"), "reason": status.get("reason") or ""}
     bench = metrics.get("benchmark") or {}
