@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_W16 = REPO.parent / "shared" / "workloads" / "w16.jsonl"
 
 
+def installed(module: str) -> bool:
+    """``module`` can be imported here; False also when a parent package is missing (a dotted name
+    under an absent namespace raises instead of answering None)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def accelerator_here() -> bool:
     """A GPU or an RBLN NPU on this host: tests that expect neither skip there."""
     from rm_runner.backends.gpu import GPUBackend

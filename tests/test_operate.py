@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NO_ACCELERATOR, REPO, cli
+from tests.conftest import NO_ACCELERATOR, REPO, cli, installed
 
 LAUNCHERS_MISSING = pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None
-    or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
-    reason="needs pip install 'rm-runner[launchers]' (CI installs it)")
+    not (installed("hydra_plugins.hydra_submitit_launcher") and installed("hydra_plugins.hydra_ray_launcher")),
+    reason="needs Hydra's submitit and Ray launchers: pip install -e '.[test]' (or 'rm-runner[launchers]')")
 
 
 def doctor(*args: str) -> dict:
