@@ -22,6 +22,13 @@ class Request:
     # max_new_tokens once the tokenizer is loaded (``workload.with_tokenizer``).
     reference_output: Optional[str] = None
 
+    def asked(self) -> Any:
+        """What the request asked, in the form the workload gave it (kept in generations.jsonl):
+        its messages, its text, or its token ids."""
+        if self.messages is not None:
+            return self.messages
+        return self.prompt if self.prompt_ids is None else list(self.prompt_ids)
+
     def conversation(self) -> list[dict[str, str]] | None:
         """The messages the chat template renders, or None for a raw completion prompt."""
         if self.messages is not None:

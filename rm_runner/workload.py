@@ -23,8 +23,6 @@ def load_requests(workload: Any) -> list[Request]:
         requests.extend(_read_jsonl(Path(workload.path).expanduser(), chat))
     if workload.sharegpt_path:
         requests.extend(_read_sharegpt(Path(workload.sharegpt_path).expanduser()))
-    if workload.limit is not None:
-        requests = requests[: workload.limit]
     if not requests and not workload.synthetic.num_prompts:
         raise ConfigError(
             "workload has no prompts: set workload.prompts, workload.conversations, workload.path, "
@@ -58,13 +56,14 @@ def synthesize(tokenizer: Any, synthetic: Any) -> list[Request]:
 
 
 def with_tokenizer(requests: list[Request], tokenizer: Any, workload: Any) -> list[Request]:
-    """What needs the model's tokenizer: ShareGPT output lengths, then the synthetic prompts."""
+    """What needs the model's tokenizer: ShareGPT output lengths, then the synthetic prompts;
+    ``workload.limit`` then keeps the first requests of them all (synthetic ones included)."""
     for request in requests:
         if request.reference_output and request.max_new_tokens is None:
             request.max_new_tokens = max(1, len(tokenizer(request.reference_output, add_special_tokens=False)["input_ids"]))
     if workload.synthetic.num_prompts:
         requests = requests + synthesize(tokenizer, workload.synthetic)
-    return requests
+    return requests if workload.limit is None else requests[: workload.limit]
 
 
 def _read_sharegpt(path: Path) -> list[Request]:

@@ -151,3 +151,49 @@ def test_environment_keeps_settings_but_never_credentials(tiny, monkeypatch) -> 
     assert rd.read_json("environment.json")["env"]["OMP_NUM_THREADS"] == "2"
     everything = "".join(p.read_text(errors="replace") for p in rd.path.rglob("*") if p.is_file())
     assert "secret" not in everything
+
+
+def test_token_id_requests_run_and_print(tiny, capsys) -> None:
+    """Synthetic requests are token ids with no text: printing them ended the run failed."""
+    rd = tiny("workload.synthetic.num_prompts=2", "workload.synthetic.input_tokens=5",
+              "workload.synthetic.output_tokens=3", "generation.ignore_eos=true")
+    assert rd.read_json("status.json")["status"] == "ok"
+    records = rd.read_jsonl("generations.jsonl")
+    synthetic = [r for r in records if r["id"].startswith("synthetic-")]
+    assert [len(r["prompt"]) for r in synthetic] == [5, 5]  # the ids the request asked, as asked
+    assert all(isinstance(t, int) for r in synthetic for t in r["prompt"])
+    assert "[synthetic-1] <5 token ids>\n    -> " in capsys.readouterr().out
+
+
+def test_limit_counts_synthetic_prompts_too(tiny) -> None:
+    rd = tiny("workload.prompts=[]", "workload.synthetic.num_prompts=5", "workload.limit=2",
+              "generation.max_new_tokens=2")
+    assert [r["id"] for r in rd.read_jsonl("generations.jsonl")] == ["synthetic-0", "synthetic-1"]
+    mixed = tiny("workload.synthetic.num_prompts=3", "workload.limit=5", "generation.max_new_tokens=2")
+    assert [r["id"] for r in mixed.read_jsonl("generations.jsonl")] == ["0", "1", "2", "3", "synthetic-0"]
+
+
+def test_progress_counts_tokens_a_step_at_a_time(tiny, monkeypatch) -> None:
+    """One batch holds the whole workload: the bar must move during it, in tokens, and end at the
+    tokens really made (rows that stop on EOS end early)."""
+    import tqdm.auto
+
+    from rm_runner.engines import local
+
+    updates: list[int] = []
+    bars: list = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(local, "tqdm", Recording)
+    rd = tiny("generation.max_new_tokens=6", "generation.ignore_eos=true", "engine.batch_size=16")
+    records = rd.read_jsonl("generations.jsonl")
+    assert len(records) == 4 and updates == [4] * 6  # every step, each of the 4 rows one token
+    assert bars[0].unit == "tok" and bars[0].n == bars[0].total == sum(r["output_tokens"] for r in records)

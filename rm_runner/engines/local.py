@@ -96,14 +96,26 @@ class LocalEngine(Engine):
         encoded = [self.render(r) for r in requests]
         self.check_lengths(requests, encoded, generation)
         kwargs = self.generate_kwargs(generation)
+        limits = [r.max_new_tokens or generation.max_new_tokens for r in requests]
         completions: list[Completion] = []
-        with tqdm(total=len(requests), desc="generate", unit="req", dynamic_ncols=True) as bar:
+        # Counted in tokens, a decoding step at a time where the model runs here: one batch is
+        # often the whole workload, and a bar in requests would jump from 0 to N at its end.
+        with tqdm(total=sum(limits), desc="generate", unit="tok", dynamic_ncols=True) as bar:
             for start in range(0, len(requests), self.batch_size):
-                batch = requests[start : start + self.batch_size]
-                ids = encoded[start : start + self.batch_size]
-                completions.extend(self._run_batch(batch, ids, kwargs, generation))
-                bar.update(len(batch))
+                end = start + self.batch_size
+                batch = self._run_batch(requests[start:end], encoded[start:end], limits[start:end], kwargs,
+                                        generation, bar)
+                completions.extend(batch)
+                bar.total -= sum(limits[start:end]) - sum(c.output_tokens for c in batch)  # rows that ended early
+                bar.n = sum(c.output_tokens for c in completions)
+                bar.set_postfix_str(f"{len(completions)}/{len(requests)} requests", refresh=True)
         return completions
+
+    def _counts_steps(self) -> bool:
+        """The model runs in this process and calls stopping criteria every step, so counting
+        tokens as they are made costs a callback and changes nothing else (a server's client
+        would have to switch to streamed requests for it)."""
+        return self.executor is self.backend and self.openai_endpoint() is None and self.streams()
 
     def check_lengths(self, requests: list[Request], encoded: list[list[int]], generation: GenerationConfig) -> None:
         """Every request's prompt and new tokens fit ``model.max_model_len``, or a ConfigError naming it."""
@@ -151,13 +163,15 @@ class LocalEngine(Engine):
             if all(on_step([r[step] if step < len(r) else self.tokenizer.pad_token_id for r in rows])):
                 return
 
-    def _run_batch(
-        self, batch: list[Request], ids: list[list[int]], kwargs: dict[str, Any], generation: GenerationConfig
-    ) -> list[Completion]:
+    def _run_batch(self, batch: list[Request], ids: list[list[int]], limits: list[int], kwargs: dict[str, Any],
+                   generation: GenerationConfig, bar: Any) -> list[Completion]:
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
-        limits = [r.max_new_tokens or kwargs["max_new_tokens"] for r in batch]
+        extra: dict[str, Any] = {}
+        if self._counts_steps():
+            eos = set() if generation.ignore_eos else self.eos_ids
+            extra["stopping_criteria"] = _step_criteria(_TokenCounter(limits, eos, bar))
         began = time.perf_counter()
-        output = self.executor.execute(self.model, dict(inputs), **{**kwargs, "max_new_tokens": max(limits)})
+        output = self.executor.execute(self.model, dict(inputs), **{**kwargs, "max_new_tokens": max(limits)}, **extra)
         latency = time.perf_counter() - began
         sequences = getattr(output, "sequences", output)
         width = inputs["input_ids"].shape[1]
@@ -173,7 +187,7 @@ class LocalEngine(Engine):
             results.append(
                 Completion(
                     id=request.id,
-                    prompt=request.messages if request.messages is not None else request.prompt,
+                    prompt=request.asked(),
                     text=self.tokenizer.decode(new, skip_special_tokens=True),
                     token_ids=new,
                     prompt_tokens=len(prompt_ids),
@@ -183,6 +197,23 @@ class LocalEngine(Engine):
                 )
             )
         return results
+
+
+class _TokenCounter:
+    """A progress bar's view of one batch: each step, the rows still running (not past their
+    own limit, no EOS yet) each made one token. Never stops a row."""
+
+    def __init__(self, limits: list[int], eos_ids: set[int], bar: Any) -> None:
+        self.left, self.eos_ids, self.bar = list(limits), eos_ids, bar
+
+    def __call__(self, tokens: list[int]) -> list[bool]:
+        running = 0
+        for row, token in enumerate(tokens):
+            if self.left[row] > 0:
+                running += 1
+                self.left[row] = 0 if token in self.eos_ids else self.left[row] - 1
+        self.bar.update(running)
+        return [False] * len(tokens)
 
 
 def render(tokenizer: Any, request: Request) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from typing import Any
 
 from rm_runner.pipeline.context import RunContext
 from rm_runner.rundir import GENERATIONS
@@ -36,8 +37,16 @@ class Generate:
         log.info("%d output tokens in %.2f s: %.1f tok/s", output_tokens, elapsed, output_tokens / elapsed)
         if self.print_outputs:
             for c in completions:
-                prompt = c.prompt if isinstance(c.prompt, str) else c.prompt[-1]["content"]
-                print(f"[{c.id}] {prompt}\n    -> {c.text.strip()}", flush=True)
+                print(f"[{c.id}] {_shown(c.prompt)}\n    -> {c.text.strip()}", flush=True)
+
+
+def _shown(asked: Any) -> str:
+    """A request as one printed line: its text, a conversation's last message, or a token-id count."""
+    if isinstance(asked, str):
+        return asked
+    if asked and isinstance(asked[0], dict):
+        return str(asked[-1].get("content", ""))
+    return f"<{len(asked or [])} token ids>"
 
 
 def _peak_rss_gib() -> float:
