@@ -71,5 +71,27 @@ def test_local_directory_without_config_is_rejected(tmp_path: Path) -> None:
 def test_hub_id_missing_offline_says_how_to_get_it(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE=1 forbids downloading.*huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE=1 forbids downloading.*hf download"):
         Pretrained("meta-llama/Meta-Llama-3-8B-Instruct").resolve()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "distilgpt2", "openai-community/gpt2"])
+def test_a_hub_id_without_an_organisation_is_a_hub_id(name: str, monkeypatch, tmp_path: Path) -> None:
+    """``gpt2`` is a root model on the hub, not a folder: offline and uncached, say so and name
+    the variable and the cache, not "model directory 'gpt2' does not exist"."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    with pytest.raises(ModelNotFoundError) as raised:
+        Pretrained(name).resolve()
+    message = str(raised.value)
+    assert f"hub id {name!r} is not in the local Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE=1" in message and "HF_HUB_CACHE" in message and "does not exist" not in message
+
+
+def test_an_existing_folder_named_like_a_hub_id_is_local(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    with pytest.raises(ModelNotFoundError, match="'gpt2' has no config.json"):
+        Pretrained("gpt2").check()
+    with pytest.raises(ModelNotFoundError, match="nor is it a hub id"):
+        Pretrained("not a/valid/id").check()
