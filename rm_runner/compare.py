@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, job_dirs
+from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, job_dirs, read_status
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -113,14 +113,15 @@ def figures_of(metrics: dict[str, Any]) -> dict[str, Figure]:
 def read_run(path: Path, label: str) -> Run:
     """A run directory's status and figures; anything unreadable becomes the reason it is not compared."""
     try:
-        status = json.loads((path / STATUS).read_text(encoding="utf-8"))
+        json.loads((path / STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return Run(label, str(path), "unreadable", f"{STATUS}: {exc}")
-    if not isinstance(status, dict):
+    status = read_status(path)
+    if status is None:
         return Run(label, str(path), "unreadable", f"{STATUS}: not a JSON object")
     state = str(status.get("status"))
     if state != "ok":
-        reason = status.get("reason") or {"running": "not finished (still running, or killed)"}.get(state)
+        reason = status.get("reason") or {"running": "not finished (still running)"}.get(state)
         return Run(label, str(path), state, reason)
     try:
         metrics = json.loads((path / METRICS).read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rm_runner.errors import RunnerError
-from rm_runner.rundir import CONFIG, GENERATIONS, LOG, RunDir
+from rm_runner.rundir import CONFIG, GENERATIONS, LOG, RunDir, read_status
 
 
 def compare(original: list[dict], replayed: list[dict]) -> list[str]:
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (source / CONFIG).is_file():
         print(f"rm-runner-replay: error: {source / CONFIG} not found; is {source} a run directory?", file=sys.stderr)
         return 2
+    status = read_status(source) or {}
+    if status.get("status") != "ok":
+        print(f"rm-runner-replay: note: the saved run is {status.get('status', 'of unknown status')}"
+              f"{' (' + status['reason'] + ')' if status.get('reason') else ''}; only what it finished can be compared",
+              file=sys.stderr)
     if not (source / GENERATIONS).is_file():
         print(f"rm-runner-replay: error: {source} has no {GENERATIONS} to compare against", file=sys.stderr)
         return 2

@@ -3,15 +3,20 @@
 A file is written to a temporary name beside its target, flushed to disk and renamed over
 it, so a crash never leaves a half-written file that looks complete. ``status.json`` is
 written first as ``running`` and last as ``ok`` or ``failed``, so a reader can always tell
-a finished run from an interrupted one.
+a finished run from an interrupted one. A run killed outright (SIGKILL, out of memory) cannot
+write its end, so the status also names the process (pid, its start time, the host):
+``read_status`` reports a ``running`` run whose process is gone as ``died``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -90,6 +95,7 @@ class RunDir:
             "started": _iso(self._started),
             "updated": _iso(time.time()),
             "elapsed_s": round(time.time() - self._started, 3),
+            **_this_process(),
             **extra,
         }
         self.write_json(STATUS, record)
@@ -112,6 +118,32 @@ def read_json_or_none(path: Path, kind: type = dict) -> Any:
     return content if isinstance(content, kind) else None
 
 
+def read_status(path: Path) -> dict[str, Any] | None:
+    """A run directory's status as a reader should take it (None when unreadable): a ``running``
+    run whose process is gone is ``died``, so a resumed sweep reruns it and tools do not wait
+    for it. A run recorded on another host, or before processes were recorded, stays as written."""
+    status = read_json_or_none(path / STATUS)
+    if status is None or status.get("status") != "running" or not _process_gone(status):
+        return status
+    return {**status, "status": "died",
+            "reason": f"its process (pid {status['pid']} on {status['host']}) ended without recording how it ended "
+                      "(killed outright, e.g. SIGKILL or the out-of-memory killer)"}
+
+
+def record_exit(path: Path, returncode: int) -> dict[str, Any]:
+    """Mark a run whose process exited without recording its end (``returncode`` != 0) as failed,
+    keeping when it started; returns the new status. Its parent (a sweep) calls this."""
+    status = read_json_or_none(path / STATUS) or {}
+    how = (f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 and -returncode in signal.valid_signals()
+           else f"exited with {returncode}")
+    now = time.time()
+    started = _parse_iso(status.get("started"))
+    record = {**status, "status": "failed", "reason": f"the job process {how} before recording why; see its output",
+              "updated": _iso(now), "elapsed_s": round(now - started, 3) if started is not None else None}
+    atomic_write_text(path / STATUS, to_json(record))
+    return record
+
+
 def is_run_dir(path: Path) -> bool:
     """A run directory: every run writes its status first."""
     return (path / STATUS).is_file()
@@ -128,3 +160,32 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(ts))
+
+
+def _parse_iso(text: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _this_process() -> dict[str, Any]:
+    import psutil
+
+    me = psutil.Process()
+    return {"pid": me.pid, "process_started": me.create_time(), "host": socket.gethostname()}
+
+
+def _process_gone(status: dict[str, Any]) -> bool:
+    """The process a status names has ended: same host, and its pid is free, a zombie, or now
+    another process (started at another time)."""
+    import psutil
+
+    pid, began = status.get("pid"), status.get("process_started")
+    if status.get("host") != socket.gethostname() or not isinstance(pid, int) or not isinstance(began, (int, float)):
+        return False
+    try:
+        process = psutil.Process(pid)
+        return process.status() == psutil.STATUS_ZOMBIE or abs(process.create_time() - began) > 1.0
+    except psutil.NoSuchProcess:
+        return True

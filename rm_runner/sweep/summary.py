@@ -18,8 +18,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rm_runner.rundir import (METRICS, OVERRIDES, STATUS, atomic_write_bytes, atomic_write_text, job_dirs,
-                              read_json_or_none)
+from rm_runner.rundir import (METRICS, OVERRIDES, atomic_write_bytes, atomic_write_text, job_dirs,
+                              read_json_or_none, read_status)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SweepSummary(Callback):
 
 def job_rows(job: Path) -> list[dict[str, Any]]:
     """One job's rows: its status and headline figures (one row per rate under a rate sweep)."""
-    status = read_json_or_none(job / STATUS) or {}
+    status = read_status(job) or {}
     metrics = read_json_or_none(job / METRICS) or {}
     overrides = read_json_or_none(job / OVERRIDES, list) or []
     base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
