@@ -1,4 +1,5 @@
-"""A job whose device names its own environment (``device.python``) runs there.
+"""A job whose device names its own environment (``device.python``; ``device.options.python`` for
+``device=plugin``) runs there.
 
 The run starts in whatever Python the user typed; when the device's SDK lives in another venv
 (its pins conflict with the rest), the same command is re-run with that interpreter into the
@@ -16,21 +17,26 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from rm_runner import pyenv
+from rm_runner.backends.registry import configured_options
 from rm_runner.config import quote_override
 from rm_runner.errors import ConfigError
 
 
 def interpreter(cfg: DictConfig) -> Optional[str]:
-    """The interpreter this job must run in, when it is not this one."""
-    python = cfg.device.get("python") if "device" in cfg else None
+    """The interpreter this job must run in, when it is not this one: the ``python`` option the device's
+    backend is built with, which is where the doctor and the dry run look too."""
+    if "device" not in cfg:
+        return None
+    section, options = configured_options(cfg.device)
+    python = options.get("python")
     if not python:
         return None
     path = pyenv.resolve(python)
     if os.path.abspath(path) == os.path.abspath(sys.executable):  # venv pythons are symlinks: no resolve()
         return None
     if not pyenv.exists(path):
-        raise ConfigError(f"device.python={python} does not exist; create that venv (see `rm-runner-doctor`) "
-                          "or set device.python=null to run in this one")
+        raise ConfigError(f"{section}.python={python} does not exist; create that venv (see `rm-runner-doctor`) "
+                          f"or set {section}.python=null to run in this one")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The interface every device backend implements (DESIGN.md, "The layers").
+"""The interface every device backend implements; the registry (``registry.py``) finds them.
 
 A backend turns a model reference into something that runs on its device and executes
 Hugging Face-form inputs on it, returning Hugging Face-form outputs, so code written
@@ -72,7 +72,8 @@ class Backend(ABC):
     """One device kind. Registered under the entry-point group ``rm_runner.backends``."""
 
     name: ClassVar[str]
-    # NPU 400 > GPU 300 > PIM 200 > CPU 100 > Remote 0: `device=auto` takes the highest available.
+    # RBLN NPU 400 > GPU 300 > CPU 100 > Remote 0: `device=auto` takes the highest available. A plugin
+    # must set it (the registry refuses one without it: registry.py says why there is no default).
     priority: ClassVar[int]
     options_class: ClassVar[type] = BackendOptions
     # How to get a vLLM that serves this device (engine=vllm); "" when vLLM cannot.
