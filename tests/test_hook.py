@@ -99,3 +99,25 @@ def test_unavailable_device_fails_before_touching_the_active_one(tiny_dir: str) 
     with pytest.raises(rm_runner.errors.DeviceUnavailableError, match="device=rbln is not available"):
         rm_runner.switch_device("rbln")
     assert rm_runner.hooks.api.active_backend().name == "cpu"
+
+
+def test_a_dtype_switch_leaves_the_callers_weights_as_they_were(tiny_dir: str) -> None:
+    inputs = encode(tiny_dir)
+    rm_runner.activate(device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)  # float32
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert object.__getattribute__(model, "_prepared") is object.__getattribute__(model, "_model")  # nothing to convert: no copy
+
+    model.use_dtype("bfloat16")
+    rm_runner.switch_device("cpu")
+    assert object.__getattribute__(model, "_prepared").dtype == torch.bfloat16  # runs in bfloat16 ...
+    model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    after = dict(model.named_parameters())  # ... while the caller's model stays float32, bit for bit
+    assert after.keys() == before.keys()
+    for name, p in after.items():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+
+    model.use_dtype("float32")  # and back: nothing was lost on the way
+    rm_runner.switch_device("cpu")
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)

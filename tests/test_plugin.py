@@ -130,7 +130,7 @@ def test_plugin_is_chosen_by_name_with_options(plugin_env, tmp_path: Path) -> No
     proc = cli("device=plugin", "device.name=fakenpu", "+device.options.num_threads=1", "model=tiny-random",
                "generation.max_new_tokens=2", f"hydra.run.dir={tmp_path}", env=plugin_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert backend_of(tmp_path) == {"name": "fakenpu", "options": {
+    assert backend_of(tmp_path) == {"name": "fakenpu", "mode": "pytorch", "options": {
         "python": None, "num_threads": 1, "mode": "pytorch", "kv_cache_space_gib": 1, "reserved_cpus": 0, "enforce_eager": True,
         "onednn_linear": True, "fast_decode": True}}
 

@@ -1,4 +1,10 @@
-"""GPU backend: transformers on CUDA through PyTorch."""
+"""GPU backend: vLLM in this process, or transformers on CUDA through PyTorch.
+
+``device_id`` picks the GPU on every path. PyTorch takes it as ``cuda:N``; vLLM has no device
+option (it runs on the first ``tensor_parallel_size`` visible GPUs), so on its paths the device is
+chosen through ``CUDA_VISIBLE_DEVICES``: in the server's environment, or in this process before
+CUDA initialises (vLLM's engine and workers read it when they start).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 
 from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings, tool_output
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
+from rm_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,8 @@ class GPUMode(str, Enum):
 
 @dataclass
 class GPUOptions(BackendOptions):
-    # CUDA device ordinal, as in torch's `cuda:N` (after CUDA_VISIBLE_DEVICES).
+    # CUDA device ordinal, as in torch's `cuda:N` (counted within CUDA_VISIBLE_DEVICES when it is set);
+    # vllm mode and engine=vllm: the first of the tensor_parallel_size GPUs vLLM runs on.
     device_id: int = 0
     mode: GPUMode = GPUMode.auto
     # pytorch mode: a static KV cache, which makes transformers compile the decode step with
@@ -70,10 +78,53 @@ class GPUBackend(TransformersTorchBackend):
             return Availability(False, f"no CUDA device visible (torch.cuda.device_count() == 0{where})", INSTALL)
         return Availability(True)
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # In-process vLLM: the CUDA_VISIBLE_DEVICES initialize() set, and the one it replaced (None: unset),
+        # which cleanup() puts back so a later backend in this process counts device_id as the user did.
+        self.vllm_visible_devices: str | None = None
+        self._narrowed = False
+        self._visible_before: str | None = None
+
     def availability(self) -> Availability:
         if self.options.mode == GPUMode.vllm and importlib.util.find_spec("vllm") is None:
             return Availability(False, "device.mode=vllm but vLLM is not installed", "pip install 'rm-runner[gpu]'")
-        return self.is_available()
+        found = self.is_available()
+        if not found:
+            return found
+        import torch
+
+        return self._fits(torch.cuda.device_count(), self.options.tensor_parallel_size if self.uses_vllm() else 1)
+
+    def _fits(self, count: int, width: int) -> Availability:
+        """Whether ``width`` GPUs from ``device_id`` on are among the ``count`` visible ones."""
+        if self.options.device_id < 0 or self.options.device_id + width > count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            wants = (f"device.device_id={self.options.device_id} with device.tensor_parallel_size={width}"
+                     if width > 1 else f"device.device_id={self.options.device_id}")
+            return Availability(False, f"{wants} needs CUDA devices {self.options.device_id}.."
+                                       f"{self.options.device_id + width - 1}, but {count} are visible{where}",
+                                f"set device.device_id between 0 and {count - width} (counted within "
+                                "CUDA_VISIBLE_DEVICES)" if count >= width else "run on a host with more GPUs")
+        return Availability(True)
+
+    def cuda_visible_devices(self) -> str:
+        """The CUDA_VISIBLE_DEVICES that shows vLLM exactly this backend's GPUs, as its devices
+        0..tensor_parallel_size-1: the ``device_id``-th visible device on (the existing
+        CUDA_VISIBLE_DEVICES entries when it is set, GPU UUIDs included)."""
+        current = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if current is None:
+            import torch
+
+            entries = [str(i) for i in range(torch.cuda.device_count())]
+        else:
+            entries = [entry.strip() for entry in current.split(",") if entry.strip()]
+        width = self.options.tensor_parallel_size
+        fits = self._fits(len(entries), width)
+        if not fits:
+            raise ConfigError(fits.describe())
+        return ",".join(entries[self.options.device_id:self.options.device_id + width])
 
     def uses_vllm(self) -> bool:
         if self.options.mode == GPUMode.auto:
@@ -93,7 +144,8 @@ class GPUBackend(TransformersTorchBackend):
                 "--gpu-memory-utilization", str(self.options.gpu_memory_utilization)]
         if self.options.enforce_eager:
             args.append("--enforce-eager")
-        return VLLMServerSettings(model=model_path, args=args)
+        return VLLMServerSettings(model=model_path, args=args,
+                                  env={"CUDA_VISIBLE_DEVICES": self.cuda_visible_devices()})
 
     def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         if not self.options.static_cache or self.caller_manages_cache(kwargs):
@@ -113,18 +165,51 @@ class GPUBackend(TransformersTorchBackend):
         return f"cuda:{self.options.device_id}"
 
     def initialize(self) -> None:
+        if self.uses_vllm():
+            self._show_vllm_its_devices()
+            return
         import torch
 
-        count = torch.cuda.device_count()
-        if self.options.device_id >= count:
-            from rm_runner.errors import ConfigError
-
-            raise ConfigError(f"device.device_id={self.options.device_id} but only {count} CUDA device(s) are visible")
+        fits = self._fits(torch.cuda.device_count(), 1)
+        if not fits:
+            raise ConfigError(fits.describe())
         torch.cuda.set_device(self.options.device_id)
-        log.info("gpu backend: %s", torch.cuda.get_device_name(self.options.device_id))
+        log.info("gpu backend: pytorch on %s", torch.cuda.get_device_name(self.options.device_id))
+
+    def _show_vllm_its_devices(self) -> None:
+        """Narrow CUDA_VISIBLE_DEVICES to this backend's GPUs before vLLM starts. Once CUDA is initialised
+        here, this process's devices are fixed and vLLM would take its first ones: only device_id=0 is
+        then what the user asked for, so any other is refused rather than run on the wrong GPU."""
+        import torch
+
+        visible = self.cuda_visible_devices()
+        if torch.cuda.is_initialized() and self.options.device_id != 0:
+            current = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"device.device_id={self.options.device_id} cannot reach in-process vLLM: CUDA is already "
+                f"initialised in this process (CUDA_VISIBLE_DEVICES={current!r}), and vLLM runs on its first "
+                f"GPU; run this device in a process of its own (python -m rm_runner device=gpu "
+                f"device.device_id={self.options.device_id}), or start Python with CUDA_VISIBLE_DEVICES={visible} "
+                "and device.device_id=0")
+        if not self._narrowed:
+            self._narrowed, self._visible_before = True, os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = self.vllm_visible_devices = visible
+        log.info("gpu backend: vllm on CUDA_VISIBLE_DEVICES=%s", visible)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.vllm_visible_devices is not None:
+            described["cuda_visible_devices"] = self.vllm_visible_devices
+        return described
 
     def cleanup(self) -> None:
         super().cleanup()
+        if self._narrowed:
+            if self._visible_before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = self._visible_before
+            self._narrowed = False
         import torch
 
         if torch.cuda.is_available():

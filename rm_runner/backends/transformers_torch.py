@@ -57,7 +57,11 @@ class TransformersTorchBackend(Backend):
         return name
 
     def prepare_model(self, model: Any, model_config: Any) -> Any:
-        """Load from a local directory (or take a loaded model), cast, move and switch to eval."""
+        """Load from a local directory (or take a loaded model), cast, move and switch to eval.
+
+        A caller's model is never converted in place (``Module.to`` is in place): the hook's user keeps
+        their weights as given however many devices and dtypes the model visits (see ``converted``).
+        """
         if self.uses_vllm():
             return vllm_inprocess.load(model, model_config, self.dtype_name(model_config.dtype),
                                        **self.vllm_engine_args())
@@ -65,15 +69,19 @@ class TransformersTorchBackend(Backend):
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, self.dtype_name(model_config.dtype))
+        device = torch.device(self.torch_device())
         if isinstance(model, (str, Path)):
             model = AutoModelForCausalLM.from_pretrained(
                 str(model), dtype=dtype, trust_remote_code=model_config.trust_remote_code
-            )
+            ).to(device)
         else:
-            model = model.to(dtype)
-        model = model.to(torch.device(self.torch_device()))
+            model = converted(model, dtype, device)
         model.eval()
         return model
+
+    def describe(self) -> dict[str, Any]:
+        """The options as configured, and the mode that runs (``mode: auto`` resolves to one of them)."""
+        return {**super().describe(), "mode": "vllm" if self.uses_vllm() else "pytorch"}
 
     def streams(self, model: Any) -> bool:
         return not isinstance(model, VLLMModel)
@@ -103,3 +111,36 @@ class TransformersTorchBackend(Backend):
         import gc
 
         gc.collect()
+
+
+def converted(model: Any, dtype: Any, device: Any) -> Any:
+    """``model`` with its floating-point tensors in ``dtype`` and all on ``device`` (what ``Module.to``
+    gives), leaving ``model`` itself as it was.
+
+    Nothing is copied when nothing needs converting (a float32 CPU model on the CPU is used as is).
+    Otherwise the copy is built around parameters and buffers converted straight from the originals,
+    so they cost their converted size only, never a second copy at the original size; one that needs
+    no conversion is shared, and tied weights stay tied.
+    """
+    import copy
+
+    import torch
+
+    def floating(t: torch.Tensor) -> bool:
+        return t.is_floating_point() or t.is_complex()
+
+    def target(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, dtype if floating(t) else None)
+
+    if all(t.device == device and (t.dtype == dtype or not floating(t))
+           for t in [*model.parameters(), *model.buffers()]):
+        return model
+    memo: dict[int, Any] = {}  # deepcopy takes these in place of the originals it meets
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(target(p.detach()), requires_grad=p.requires_grad)
+        for b in module._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = target(b)
+    return copy.deepcopy(model, memo)
