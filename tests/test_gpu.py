@@ -72,7 +72,8 @@ def test_in_process_vllm_refuses_another_gpu_once_cuda_is_initialised(monkeypatc
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(ConfigError, match=r"device.device_id=1 cannot reach in-process vLLM: CUDA is already "
-                                          r"initialised in this process .* CUDA_VISIBLE_DEVICES=5 and device.device_id=0"):
+                                          r"initialised in this process .* CUDA_VISIBLE_DEVICES=5 and "
+                                          r"device.device_id=0"):
         GPUBackend(mode="vllm", device_id=1).initialize()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"
     backend = GPUBackend(mode="vllm", device_id=0)  # its first GPU is the process's first: nothing to move
@@ -84,8 +85,10 @@ def test_the_run_records_which_mode_auto_resolved_to(monkeypatch: pytest.MonkeyP
     find_spec = importlib.util.find_spec
 
     def vllm_installed(installed: bool) -> None:
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: (object() if installed else None) if name == "vllm" else find_spec(name, *a))
+        def found(name: str, *args):
+            return (object() if installed else None) if name == "vllm" else find_spec(name, *args)
+
+        monkeypatch.setattr(importlib.util, "find_spec", found)
 
     vllm_installed(False)
     described = GPUBackend().describe()

@@ -107,7 +107,8 @@ def test_a_dtype_switch_leaves_the_callers_weights_as_they_were(tiny_dir: str) -
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)  # float32
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert object.__getattribute__(model, "_prepared") is object.__getattribute__(model, "_model")  # nothing to convert: no copy
+    # nothing to convert: the caller's model itself, no copy
+    assert object.__getattribute__(model, "_prepared") is object.__getattribute__(model, "_model")
 
     model.use_dtype("bfloat16")
     rm_runner.switch_device("cpu")

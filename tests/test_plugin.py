@@ -101,7 +101,8 @@ def test_plugin_is_chosen_by_priority(plugin_env, tmp_path: Path) -> None:
     assert [s["name"] for s in backend["selection"]][:2] == ["fakenpu", "rbln"]
     # a plugin without a priority is passed over with its reason, and does not break the run
     (skipped,) = [s for s in backend["selection"] if s["name"] == "nopriority"]
-    assert not skipped["chosen"] and "rmr_nopriority:NoPriorityBackend has no class attribute priority" in skipped["reason"]
+    assert not skipped["chosen"]
+    assert "rmr_nopriority:NoPriorityBackend has no class attribute priority" in skipped["reason"]
 
 
 def test_plugin_without_priority_is_an_error_when_named(plugin_env, tmp_path: Path) -> None:

@@ -9,10 +9,12 @@ A registration that cannot be used (it fails to import, is not a ``Backend`` cla
 that does not involve it: every run lists the backends (its environment record), and one bad
 package must not take every device down. A run that names it (``device.name``,
 ``parity.reference_device``) fails with what is wrong and in which distribution. ``device=auto``
-does what vLLM's platform discovery does: a plugin that cannot be evaluated is passed over
-(recorded with its reason, and logged), and two claims to one name are an error, because either
-pick could run the wrong device. A missing priority gets no default: a guessed rank would
-silently put an NPU below the CPU, or a test stub above every GPU.
+follows vLLM's platform discovery, which logs and skips a plugin that fails to load and raises
+rather than guess when two plugins claim the platform ("Only one platform plugin can be
+activated"): a broken plugin is passed over (logged, and recorded with its reason), and two
+claims to one name are an error, because either pick could run the wrong device. A missing
+priority gets no default: a guessed rank would silently put an NPU below the CPU, or a test stub
+above every GPU.
 """
 
 from __future__ import annotations
