@@ -148,12 +148,12 @@ def test_every_option_reaches_the_compiler(sdk, cache) -> None:
 def test_flash_attention_over_two_npus(sdk, cache, monkeypatch) -> None:
     monkeypatch.setenv("RBLN_STANDIN_NPUS", "2")
     calls = Calls(sdk)
-    backend, model = prepared(cache, num_devices=2, device=[0, 1], attn_impl="flash_attn", max_seq_len=2048,
+    backend, model = prepared(cache, num_devices=2, attn_impl="flash_attn", max_seq_len=2048,
                               kvcache_partition_len=1024, kvcache_block_size=1024, extra={"kvcache_num_blocks": 3})
     compiles = calls("compile_from_torch")
     assert {c["num_devices"] for c in compiles} == {2}
     assert all(["past_key_values_1", [3, 1, 1024, 32], "float32"] in c["input_info"] for c in compiles)
-    assert {tuple(r["device"]) for r in calls("Runtime")} == {(0, 1)}
+    assert {tuple(r["device"]) for r in calls("Runtime")} == {(0, 1)}  # 0..n-1, optimum-rbln's own default
     inputs = left_padded(PROMPTS[:1])
     out = backend.execute(model, inputs, **GREEDY)
     assert out[:, inputs["input_ids"].shape[1]:].tolist() == cpu_tokens(inputs, 6)
@@ -238,20 +238,57 @@ def test_npus_that_are_not_there_are_named(sdk, cache) -> None:
         backend.prepare_model(tiny(), model_config())
 
 
-def test_the_cli_compiles_through_the_sdk_and_matches_the_cpu(tmp_path: Path) -> None:
+def test_the_cli_compiles_through_the_sdk_and_matches_the_cpu(tmp_path: Path, tiny) -> None:
     """python -m rm_runner device=rbln model=tiny-random, as a user runs it: defaults (batch 1, 4 prompts)."""
     env = {"PYTHONPATH": f"{STAND_INS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RBLN_STANDIN_LOG": str(tmp_path / "calls.jsonl"), "RM_RUNNER_CACHE": str(tmp_path / "cache")}
-    runs = {}
-    for device in ("rbln", "cpu"):
-        proc = cli(f"device={device}", "model=tiny-random", "generation.max_new_tokens=4",
-                   f"hydra.run.dir={tmp_path}/{device}", env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[device] = [json.loads(line)["token_ids"]
-                        for line in (tmp_path / device / "generations.jsonl").read_text().splitlines()]
-    assert len(runs["rbln"]) == 4 and runs["rbln"] == runs["cpu"]
+    proc = cli("device=rbln", "model=tiny-random", "generation.max_new_tokens=4", f"hydra.run.dir={tmp_path}/rbln",
+               env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu = tiny("device=cpu", "generation.max_new_tokens=4").path
+
+    def tokens(run: Path) -> list[list[int]]:
+        return [json.loads(line)["token_ids"] for line in (run / "generations.jsonl").read_text().splitlines()]
+
+    assert len(tokens(tmp_path / "rbln")) == 4 and tokens(tmp_path / "rbln") == tokens(cpu)
     calls = Calls.__new__(Calls)
     calls.path, calls.start = tmp_path / "calls.jsonl", 0
     assert calls("device_count") and calls("get_npu_name") and len(calls("compile_from_torch")) == 2
     backend = json.loads((tmp_path / "rbln" / "metrics.json").read_text())["engine"]["backend"]
     assert backend["cache"] == "miss" and backend["compiled"]["batch_size"] == 1 and backend["npu"] == "RBLN-CA25"
+
+
+FAKE_SERVER = '''\
+import json, os, sys
+if sys.argv[1] == "-c":  # rm_runner's module probe (pyenv): answer that this venv has what is asked
+    modules, dists = json.loads(sys.argv[3])
+    print(json.dumps({"python": "3.11", "modules": {m: True for m in modules}, "versions": {d: None for d in dists}}))
+    sys.exit(0)
+with open(os.environ["FAKE_SERVER_RECORD"], "w") as fh:
+    json.dump({"argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items() if k.startswith("RBLN")}}, fh)
+sys.exit(3)
+'''
+
+
+def test_engine_vllm_hands_the_compiled_folder_and_vllm_rbln_flags_to_the_server(tmp_path: Path) -> None:
+    """engine=vllm device=rbln without a card: the parent compiles, then starts the server interpreter
+    with the compiled folder, the compiled shapes as vLLM flags and RBLN_VISIBLE_DEVICES; a stand-in
+    for that interpreter records what it was given and exits, as a server that cannot start."""
+    server = tmp_path / "server-python"
+    server.write_text(f"#!{sys.executable}\n{FAKE_SERVER}")
+    server.chmod(0o755)
+    env = {"PYTHONPATH": f"{STAND_INS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RBLN_STANDIN_NPUS": "2",
+           "RM_RUNNER_CACHE": str(tmp_path / "cache"), "FAKE_SERVER_RECORD": str(tmp_path / "server.json")}
+    proc = cli("engine=vllm", f"engine.python={server}", "device=rbln", "device.batch_size=2", "device.device=[1]",
+               "model=tiny-random", "model.max_model_len=512", f"hydra.run.dir={tmp_path}/run", env=env)
+    assert proc.returncode == 1
+    assert "exited with code 3" in json.loads((tmp_path / "run" / "status.json").read_text())["reason"]
+    given = json.loads((tmp_path / "server.json").read_text())
+    argv = given["argv"]
+    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    folder = Path(argv[argv.index("--model") + 1])
+    assert (folder / "rbln_config.json").is_file() and folder.is_relative_to(tmp_path / "cache" / "rbln")
+    flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i] in ("--max-num-seqs", "--max-model-len",
+                                                                                 "--block-size")}
+    assert flags == {"--max-num-seqs": "2", "--max-model-len": "512", "--block-size": "512"}
+    assert given["env"]["RBLN_VISIBLE_DEVICES"] == "1" and "RBLN_DEVICES" not in given["env"]

@@ -147,8 +147,18 @@ def smi_rows(table: str) -> list[str]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[0].isdigit() and re.fullmatch(r"rbln\d+", cells[2]):
             name = cells[1] or "(in the RSD group above)"
-            rows.append(f"NPU {cells[0]}: {name} {cells[2]} {cells[3]}" + (f" {cells[7]}" if len(cells) > 7 else ""))
+            memory = next((c for c in cells[4:] if "/" in c), "")  # used / total (rbln-stat has no Perf column)
+            rows.append(f"NPU {cells[0]}: {name} {cells[2]} {cells[3]} {memory}".rstrip())
     return rows
+
+
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype ``dtype="auto"`` loads a checkpoint in: its config.json's (float32 when unnamed)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def compiled_config(folder: Path) -> dict[str, Any]:
@@ -264,11 +274,17 @@ class RBLNBackend(Backend):
         named = []
         for sdk in re.findall(r"`(\w+)`", message):
             ours = _OPTION_NAMES.get(sdk) or (f"device.extra.{sdk}" if f"rbln_{sdk}" in options else None)
+            if not ours:
+                continue
             value = options.get(f"rbln_{sdk}")
-            if ours == "device.max_seq_len" and self.options.max_seq_len is None:
-                named.append(f"device.max_seq_len (null: model.max_model_len={value})")
-            elif ours:
-                named.append(f"{ours}={value}" if value is not None else f"{ours} (null: optimum-rbln's default)")
+            given = getattr(self.options, ours.removeprefix("device."), value)
+            if value is None:
+                named.append(f"{ours} (null: optimum-rbln's default)")
+            elif given is None:  # filled in by rm_runner: max_seq_len, num_devices
+                source = "model.max_model_len=" if sdk == "max_seq_len" else "device.num_devices_by_model: "
+                named.append(f"{ours} (null: {source}{value})")
+            else:
+                named.append(f"{ours}={value}")
         which = f" ({', '.join(dict.fromkeys(named))})" if named else ""
         return f"device=rbln: optimum-rbln refused the compile options{which}: {message}"
 
@@ -279,6 +295,8 @@ class RBLNBackend(Backend):
             self.report.update(cache="precompiled", compile_s=0.0, compiled_dir=str(path))
             return path
         options = self.options.compile_options(model_config)
+        if options["dtype"] == "auto":  # the key names what the compile really gets
+            options["dtype"] = checkpoint_dtype(path)
         npu = self.target_npu()
         root = Path(self.options.cache_dir).expanduser() if self.options.cache_dir else None
         folder, report = compiled_model_dir(
@@ -292,6 +310,9 @@ class RBLNBackend(Backend):
         config = compiled_config(folder)
         shapes = {k: config.get(k) for k in ("batch_size", "decoder_batch_sizes", "max_seq_len",
                                               "kvcache_block_size", "prefill_chunk_size", "attn_impl", "dtype")}
+        # npu and num_devices are saved per graph (RBLNCompileConfig), not at the top level
+        graphs = config.get("_compile_cfgs") or [{}]
+        shapes.update(npu=graphs[0].get("npu"), num_devices=graphs[0].get("num_devices") or 1)
         self.report["compiled"] = shapes
         return shapes
 
@@ -325,15 +346,23 @@ class RBLNBackend(Backend):
                 folder, model_config, "auto", max_num_seqs=compiled["batch_size"],
                 block_size=compiled["kvcache_block_size"], max_model_len=compiled["max_seq_len"],
             )
+        # one NPU id per device the graphs were sharded over: 0..n-1 unless device.device names them
+        # (optimum-rbln runtime_utils.tp_and_devices_are_ok's own default)
+        devices = self.options.device
+        if devices is None and compiled["num_devices"] > 1:
+            devices = list(range(compiled["num_devices"]))
+        if devices is not None and len(devices) != compiled["num_devices"]:
+            raise ConfigError(f"device.device lists {len(devices)} NPU ids {devices}; {folder} was compiled for "
+                              f"{compiled['num_devices']} NPUs")
         from optimum.rbln import RBLNAutoModelForCausalLM
 
-        runtime = {"rbln_device": self.options.device} if self.options.device is not None else {}
+        runtime = {"rbln_device": devices} if devices is not None else {}
         try:
             return RBLNAutoModelForCausalLM.from_pretrained(str(folder), export=False, **runtime)
         except RuntimeError as exc:  # optimum-rbln wraps the runtime's error in advice on compiling
             cause = str(exc.__cause__ or exc).strip().splitlines()[0]
             raise RunnerError(f"device=rbln: the compiled model {folder} did not load onto the NPU "
-                              f"(device.device={self.options.device}): {cause}; {CHECK_NPUS}") from exc
+                              f"(device.device={devices}): {cause}; {CHECK_NPUS}") from exc
 
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         if isinstance(model, VLLMModel):
