@@ -1,7 +1,7 @@
 """``rm-runner-doctor`` (``python -m rm_runner.doctor``): what this machine can run, and what fixes the rest.
 
 Devices present (each backend's ``hardware()``: CUDA GPUs from ``nvidia-smi``, RBLN NPUs from
-``rbln-stat``, the CPU with its vector extensions), the packages each backend and engine
+``rbln-smi``, the CPU with its vector extensions), the packages each backend and engine
 declares with the versions installed in each environment they use, and a device x engine matrix: runnable, or why not and the command
 that fixes it. Every verdict comes from the backends' and engines' own checks (the same ones a
 run makes before loading anything), so the doctor and a failing run never disagree.

@@ -309,3 +309,21 @@ def test_real_npu_generates(tmp_path: Path) -> None:
 
     proc = cli("device=rbln", "model=tiny-random", "generation.max_new_tokens=8", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_engine_vllm_asks_the_servers_python_for_vllm_rbln_too(tmp_path) -> None:
+    """vLLM serves an NPU only through the vllm-rbln platform plugin: an interpreter with vLLM
+    but without it would start a server that cannot see the card."""
+    import sys
+
+    from rm_runner.backends.rbln import RBLNBackend
+    from rm_runner.engines.vllm import VLLMServerEngine
+
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text("")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    found = VLLMServerEngine.check_environment(str(python), RBLNBackend)
+    assert not found and "has no vllm_rbln" in found.reason

@@ -15,7 +15,7 @@ from rm_runner.config import check_options
 
 
 def tool_output(tool: str, *args: str) -> str | None:
-    """What a vendor's command-line tool prints (``nvidia-smi``, ``rbln-stat``); None when it is not
+    """What a vendor's command-line tool prints (``nvidia-smi``, ``rbln-smi``); None when it is not
     installed or does not answer within 30 s (a wedged driver must not hang a run or the doctor)."""
     import shutil
     import subprocess
@@ -78,6 +78,8 @@ class Backend(ABC):
     options_class: ClassVar[type] = BackendOptions
     # How to get a vLLM that serves this device (engine=vllm); "" when vLLM cannot.
     vllm_install: ClassVar[str] = ""
+    # The modules the interpreter of a vLLM server for this device imports (engine=vllm).
+    vllm_server_modules: ClassVar[tuple[str, ...]] = ("vllm",)
     # The distributions this backend runs on; the doctor shows their installed versions.
     packages: ClassVar[tuple[str, ...]] = ()
 

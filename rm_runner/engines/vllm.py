@@ -48,8 +48,9 @@ class VLLMServerEngine(ServedEngine):
             return Availability(False, f"engine=vllm does not run device={backend_cls.name}", "use engine=local")
         if not pyenv.exists(python):
             return Availability(False, f"engine.python={python} does not exist", backend_cls.vllm_install)
-        if pyenv.has_modules(python, "vllm"):
-            return Availability(False, f"engine.python={python} has no vllm; point engine.python at the venv "
+        missing = pyenv.has_modules(python, *backend_cls.vllm_server_modules)
+        if missing:
+            return Availability(False, f"engine.python={python} has no {', '.join(missing)}; point engine.python at the venv "
                                        "that has it (e.g. .venv-vllm/bin/python)", backend_cls.vllm_install)
         return Availability(True)
 
