@@ -138,6 +138,10 @@ class ServerConfig:
     max_tokens: int = 4096  # the largest max_tokens a request may ask for
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish on SIGTERM/Ctrl-C
     record_text: bool = False  # also keep prompts and outputs in requests.jsonl
+    # vLLM's request extensions (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+    # stop_token_ids, include_stop_str_in_output, skip_special_tokens, return_token_ids); false
+    # answers as OpenAI's own API does: any field OpenAI does not define is a 400.
+    openai_extensions: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

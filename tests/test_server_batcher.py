@@ -9,7 +9,7 @@ import pytest
 
 from rm_runner.requests import Request
 from rm_runner.server.batcher import DynamicBatcher, Job, QueueFull, Sampling, ShuttingDown
-from rm_runner.server.choice import Choice
+from rm_runner.server.choice import Choice, Ending
 
 GREEDY = Sampling(False, None, None, None, None, False)
 
@@ -32,7 +32,8 @@ def job(engine, prompt: str, max_tokens: int = 6, sampling: Sampling = GREEDY, n
         stop: list[str] | None = None) -> tuple[Job, "queue.Queue"]:
     events: queue.Queue = queue.Queue()
     ids = engine.render(Request(id="t", prompt=prompt, chat_template=False))
-    return Job(prompts=[ids], n=n, max_tokens=max_tokens, sampling=sampling, stop=stop or [], emit=events.put), events
+    return Job(prompts=[ids], n=n, max_tokens=max_tokens, sampling=sampling, ending=Ending(stop=tuple(stop or ())),
+               emit=events.put), events
 
 
 def drain(batcher: DynamicBatcher, jobs: list[Job]) -> None:
@@ -54,7 +55,7 @@ def collect(events: queue.Queue) -> tuple[dict[int, str], dict[int, str]]:
     while True:
         kind, index, value = events.get(timeout=60)
         if kind == "delta":
-            texts[index] = texts.get(index, "") + value
+            texts[index] = texts.get(index, "") + value[0]
         elif kind == "finish":
             finish[index] = value
         elif kind == "done":
@@ -107,11 +108,56 @@ def test_full_queue_and_shutdown_refuse_new_jobs(engine) -> None:
 def test_choice_holds_back_text_that_may_start_a_stop_string(engine) -> None:
     tok = engine.tokenizer
     ids = tok("one two three four", add_special_tokens=False)["input_ids"]
-    choice = Choice(tok, engine.eos_ids, max_tokens=10, stop=["three"])
+    choice = Choice(tok, engine.eos_ids, max_tokens=10, ending=Ending(stop=("three",)))
     sent = [choice.add(i) for i in ids]
     assert "".join(sent) == tok.decode(ids[:2], skip_special_tokens=True) + " "
     assert choice.finish_reason == "stop" and choice.text.endswith("two ")
-    eos = Choice(tok, engine.eos_ids, max_tokens=10, stop=[])
+    eos = Choice(tok, engine.eos_ids, max_tokens=10)
     eos.add(ids[0])
     eos.add(next(iter(engine.eos_ids)))
     assert eos.finish_reason == "stop" and len(eos.token_ids) == 2
+
+
+def test_penalties_and_min_p_reach_generate_and_part_batches(engine) -> None:
+    """repetition_penalty and min_p are generate() keywords for the whole batch: rows that differ
+    in them run apart, and they change what is generated."""
+    penalised = Sampling(False, None, None, None, None, False, repetition_penalty=1.5)
+    top_only = Sampling(True, 1.0, None, None, 5, False, min_p=1.0)  # keeps the most likely token alone
+    assert penalised.generate_kwargs(4, 0)["repetition_penalty"] == 1.5
+    assert top_only.generate_kwargs(4, 0)["min_p"] == 1.0
+    assert Sampling(False, None, None, None, None, False, min_tokens=3).generate_kwargs(4, 0)["min_new_tokens"] == 3
+    assert not {"repetition_penalty", "min_p", "min_new_tokens"} & set(GREEDY.generate_kwargs(4, 0))
+    batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_s=0.0, max_queue=8)
+    jobs = [job(engine, "one two one two", max_tokens=16, sampling=s) for s in (GREEDY, penalised, top_only, GREEDY)]
+    for j, _ in jobs:
+        batcher.submit(j)
+    drain(batcher, [j for j, _ in jobs])
+    [collect(events) for _, events in jobs]
+    assert batcher.stats.batches == 3  # the two greedy jobs together, the others alone
+    greedy, penalty, min_p, again = (j.choices[0].token_ids for j, _ in jobs)
+    assert greedy == again == min_p and penalty != greedy
+
+
+def test_close_cuts_running_and_waiting_jobs_with_an_abort(engine) -> None:
+    batcher = DynamicBatcher(engine, max_batch_size=1, max_wait_s=0.0, max_queue=8)
+    long = Sampling(False, None, None, None, None, True)
+    running, running_events = job(engine, "go on", max_tokens=1900, sampling=long)
+    waiting, waiting_events = job(engine, "later", max_tokens=4)
+    batcher.submit(running)
+    batcher.submit(waiting)
+
+    def close_once_running() -> None:
+        kind, _, _ = running_events.get(timeout=60)  # its first delta: the batch runs
+        assert kind == "delta"
+        batcher.close()
+
+    closer = threading.Thread(target=close_once_running)
+    closer.start()
+    batcher.run()  # returns once closed
+    closer.join()
+    events = []
+    while not running_events.empty():
+        events.append(running_events.get())
+    assert events[-1][0] == "abort" and "shut down" in events[-1][2]
+    assert len(running.choices[0].token_ids) < 1900 and running.choices[0].finish_reason == "cancelled"
+    assert waiting_events.get(timeout=5)[0] == "abort" and waiting.ended.is_set()

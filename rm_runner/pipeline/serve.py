@@ -2,7 +2,8 @@
 
 Readiness is announced in ``server.json`` (address, model, pid) and on stdout once the app has
 started; every request is recorded in ``requests.jsonl``; a stop signal ends the run ``ok``
-with the serving figures in ``metrics.json`` (see ``rm_runner.server.host``).
+with the serving figures in ``metrics.json`` (see ``rm_runner.server.host``). A serve run in a
+directory used before starts both files afresh, so they describe the same run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class Serve:
         from rm_runner.server.host import ApiServer
 
         settings: ServerConfig = OmegaConf.to_object(ctx.cfg.server)
+        # An earlier serve run's records (and address) would otherwise stay beside this run's figures.
+        for name in (REQUESTS, SERVER):
+            (ctx.run_dir.path / name).unlink(missing_ok=True)
 
         def ready(server: ApiServer) -> None:
             ctx.run_dir.write_json(SERVER, {"url": server.url, "host": server.host, "port": server.port,

@@ -6,8 +6,9 @@ calling thread, and a second thread driving the model costs a third of the speed
 the oldest waiting job, gathers every compatible job (same sampling settings) that arrives
 within ``max_wait_s`` of it, up to ``max_batch_size`` sequences, and runs them as one padded
 batch through ``engine.generate_steps``. Each step's tokens go to their jobs' choices and out
-to the handlers as events; a choice that hits a stop string or its ``max_tokens``, or whose
-client left, stops its row, and the batch ends when every row has.
+to the handlers as events; a choice that hits a stop or its ``max_tokens``, or whose client
+left, stops its row, and the batch ends when every row has. ``close`` (the server's shutdown
+deadline) cuts what still runs: those jobs end with an "abort" event instead of "done".
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from rm_runner.server.choice import Choice
+from rm_runner.server.choice import Choice, Ending
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class ShuttingDown(Exception):
 
 @dataclass(frozen=True)
 class Sampling:
-    """What must be equal for requests to share one ``generate()`` call."""
+    """What must be equal for requests to share one ``generate()`` call: everything that becomes
+    one of its keywords, which hold for the whole batch."""
 
     do_sample: bool
     temperature: Optional[float]
@@ -42,6 +44,9 @@ class Sampling:
     top_k: Optional[int]
     seed: Optional[int]
     ignore_eos: bool
+    repetition_penalty: Optional[float] = None
+    min_p: Optional[float] = None
+    min_tokens: int = 0
 
     def generate_kwargs(self, max_new_tokens: int, pad_token_id: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": self.do_sample,
@@ -49,11 +54,21 @@ class Sampling:
                                   "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         if self.ignore_eos:
             kwargs["eos_token_id"] = None
+        # Only when asked for, so engines that take a fixed set of keywords see the usual ones.
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.min_p is not None:
+            kwargs["min_p"] = self.min_p
+        if self.min_tokens:
+            # generate() keeps EOS out of the first tokens where it knows EOS; where it does not (a
+            # stepping engine ends rows itself) the choice does not stop on EOS before min_tokens.
+            kwargs["min_new_tokens"] = self.min_tokens
         return kwargs
 
 
-# What a job tells its handler, from the model's thread: ("delta", index, text) and
-# ("finish", index, reason) when streamed, then ("done", None, None) or ("error", None, message).
+# What a job tells its handler, from the model's thread: ("delta", index, (text, token_ids)) and
+# ("finish", index, reason) when streamed, then ("done", None, None), ("error", None, message)
+# when the engine failed, or ("abort", None, message) when the server's shutdown cut the job.
 Event = tuple[str, Optional[int], Any]
 
 
@@ -65,14 +80,17 @@ class Job:
     n: int
     max_tokens: int
     sampling: Sampling
-    stop: list[str]
     emit: Callable[[Event], None]
+    ending: Ending = Ending()
     # Streamed jobs get every delta as it is made; the others only "done" (each wake-up of the
     # event loop costs the model thread time on a small machine).
     stream: bool = True
+    # A stream that returns token ids gets a delta for every token, even one that adds no text yet.
+    stream_token_ids: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cut: bool = False  # cancelled by the server's shutdown, not by its client
     ended: threading.Event = field(default_factory=threading.Event)  # set when no row of it runs any more
     choices: list[Choice] = field(default_factory=list)
 
@@ -126,15 +144,17 @@ class DynamicBatcher:
             self._cond.notify()
 
     def close(self) -> None:
-        """Refuse new jobs, fail the waiting ones, cancel running ones; ``run`` returns after its batch."""
+        """Refuse new jobs, cut the waiting and the running ones ("abort"); ``run`` returns after
+        its batch. Closing again does nothing more."""
         with self._cond:
             self._closing = True
             waiting, self._waiting = list(self._waiting), deque()
             for job in self._running:
+                job.cut = True
                 job.cancel()
             self._cond.notify_all()
         for job in waiting:
-            job.emit(("error", None, "the server shut down before this request started"))
+            job.emit(("abort", None, "the server shut down before this request started"))
             job.ended.set()
 
     def _next_batch(self) -> list[Job]:
@@ -206,7 +226,7 @@ class DynamicBatcher:
         rows: list[tuple[Job, int, Choice]] = []
         ids: list[list[int]] = []
         for job in batch:
-            job.choices = [Choice(engine.tokenizer, engine.eos_ids, job.max_tokens, job.stop, job.sampling.ignore_eos)
+            job.choices = [Choice(engine.tokenizer, engine.eos_ids, job.max_tokens, job.ending)
                            for _ in range(job.rows)]
             for index, choice in enumerate(job.choices):
                 rows.append((job, index, choice))
@@ -225,8 +245,8 @@ class DynamicBatcher:
                 elif not choice.finished:
                     job.first_token_at = job.first_token_at or now
                     delta = choice.add(token)
-                    if job.stream and delta:
-                        job.emit(("delta", index, delta))
+                    if job.stream and (delta or job.stream_token_ids):
+                        job.emit(("delta", index, (delta, choice.take_ids())))
                     if job.stream and choice.finished:
                         job.emit(("finish", index, choice.finish_reason))
                 done.append(choice.finished)
@@ -238,8 +258,12 @@ class DynamicBatcher:
             if not choice.finished:
                 delta = choice.finish("length")
                 if job.stream and delta:
-                    job.emit(("delta", index, delta))
+                    job.emit(("delta", index, (delta, choice.take_ids())))
                 if job.stream:
                     job.emit(("finish", index, choice.finish_reason))
         for job in batch:
-            job.emit(("done", None, None))
+            if job.cut and any(c.finish_reason == "cancelled" for c in job.choices):
+                job.emit(("abort", None, "the server shut down before this request finished "
+                                         "(server.shutdown_timeout_s)"))
+            else:
+                job.emit(("done", None, None))

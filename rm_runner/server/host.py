@@ -4,7 +4,9 @@ The listening socket is bound before uvicorn starts, so a port in use fails with
 change, and ``server.port=0`` gets a free port that is known exactly. uvicorn runs in a thread
 of its own; the calling (main) thread, which loaded the model, drives it through the batcher
 (PyTorch on the CPU keeps a thread pool per calling thread). SIGTERM or Ctrl-C stop uvicorn
-gracefully: in-flight requests get ``server.shutdown_timeout_s`` to finish, then are cancelled.
+gracefully: in-flight requests get ``server.shutdown_timeout_s`` to finish; then the batcher cuts
+what still runs, so each such request ends as an answer (a 503, or a stream's error event and
+``data: [DONE]``) that is recorded, instead of a connection dropped when uvicorn cancels it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.server.app import Served, create_app
 
 log = logging.getLogger(__name__)
+
+# After the shutdown deadline has cut the running requests: how long they get to send their last
+# event and close before uvicorn cancels what is left (a generation step that does not return).
+CUT_GRACE_S = 5.0
 
 
 class ApiServer:
@@ -51,12 +57,25 @@ class ApiServer:
         self.app = create_app(self.served, on_record=on_record, on_ready=ready)
         self.batcher = self.app.state.batcher
         self.metrics = self.app.state.metrics
+        graceful = settings.shutdown_timeout_s + CUT_GRACE_S
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_config=None, lifespan="on",
-                                                     timeout_graceful_shutdown=settings.shutdown_timeout_s))
+                                                     timeout_graceful_shutdown=graceful))
+        self._deadline: Optional[threading.Timer] = None
+        self._stopping = threading.Lock()  # a signal and the client thread may both stop
 
     @property
     def name(self) -> str:
         return self.served.name
+
+    def stop(self) -> None:
+        """Stop gracefully: uvicorn takes no new connections, and whatever still runs after
+        ``server.shutdown_timeout_s`` is cut by the batcher (answered 503, recorded)."""
+        self.uvicorn.should_exit = True
+        with self._stopping:
+            if self._deadline is None:
+                self._deadline = threading.Timer(self.served.settings.shutdown_timeout_s, self.batcher.close)
+                self._deadline.daemon = True
+                self._deadline.start()
 
     def run(self, client: Optional[Callable[[str], Any]] = None) -> Any:
         """Serve until SIGTERM/Ctrl-C, or, given ``client``, until ``client(url)`` returns (it runs
@@ -80,13 +99,13 @@ class ApiServer:
             except BaseException as exc:  # handed back to the caller's thread
                 outcome["error"] = exc
             finally:
-                self.uvicorn.should_exit = True
+                self.stop()
 
         threads = [threading.Thread(target=serve_http, name="rm-runner-http")]
         if client is not None:
             threads.append(threading.Thread(target=drive, name="rm-runner-client"))
         try:
-            with _stop_on_signals(self.uvicorn):
+            with _stop_on_signals(self.uvicorn, self.stop):
                 for thread in threads:
                     thread.start()
                 try:
@@ -96,6 +115,8 @@ class ApiServer:
                     for thread in threads:
                         thread.join()
         finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
             self.sock.close()
         if not self.uvicorn.started:
             raise RunnerError(f"the API server at {self.url} did not start; see rm_runner.log in the run directory")
@@ -122,13 +143,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(server: uvicorn.Server) -> Iterator[None]:
-    """SIGTERM or Ctrl-C ask uvicorn to shut down gracefully (a second Ctrl-C forces it); for a
-    serve run that is the normal end, not an interruption."""
+def _stop_on_signals(server: uvicorn.Server, stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM or Ctrl-C ``stop`` gracefully (a second Ctrl-C forces uvicorn out); for a serve run
+    that is the normal end, not an interruption."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(sig: int, frame: Any) -> None:
+        server.handle_exit(sig, frame)
+        stop()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -1,55 +1,94 @@
 """OpenAI request and response shapes (the subset rm_runner serves), checked by pydantic.
 
 Requests are strict: a string where a number belongs is a 422 naming the field, not a silent
-conversion. Fields OpenAI defines but rm_runner cannot honour are accepted only at their
-no-op values, so a client never gets an answer computed differently from what it asked.
+conversion (an integral number such as ``1.0`` is an integer, as JSON Schema has it); a value
+outside its bounds (which the served OpenAPI spec states) is a 400 naming the field. A field
+this server does not know is a 400 naming it, as OpenAI answers (``extra="forbid"``), so nothing
+a client asks for is silently ignored. Fields OpenAI defines that rm_runner cannot honour are
+accepted at their no-op values only: their schema lists just those (``noop``), so the served
+OpenAPI spec says so too, and any other value is a 400 naming the field. The vLLM extensions
+rm_runner serves are ``EXTENSIONS``; with ``server.openai_extensions=false`` they are unknown
+fields as on OpenAI's own API.
+
+The response models describe the answers for the OpenAPI spec; the handlers build the answers
+as plain dicts (no validation on the way out).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+# vLLM's bounds for a seed (a 64-bit signed integer, what torch.manual_seed and engines take).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Below this a temperature is greedy decoding, as in vLLM (dividing logits by 1e-45 overflows).
+SAMPLING_EPS = 1e-5
+
+# The vLLM request extensions this server honours: unknown fields when server.openai_extensions=false.
+EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+              "include_stop_str_in_output", "skip_special_tokens", "return_token_ids", "use_beam_search")
 
 
-class StreamOptions(BaseModel):
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def integer(**bounds: int) -> Any:
+    """The type of an integer field with its bounds (in the schema as minimum/maximum): an
+    integral number (``1.0``) is that integer, as in JSON Schema; ``1.5`` and ``"1"`` are not."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+def noop(*values: Any, default: Any = None) -> Any:
+    """A field this server honours only at ``values`` (its no-op defaults): the schema admits just
+    those, and ``SamplingRequest.unsupported`` names the field when it holds anything else."""
+    return Field(default, json_schema_extra={"enum": list(values)})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(Strict):
     """What completions and chat share: sampling, limits, streaming."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
-
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[integer(ge=1)] = None
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
-    n: int = Field(1, ge=1, le=128)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    stream: bool = False
+    n: integer(ge=1, le=128) = 1
+    stop: Optional[Union[str, Annotated[list[str], Field(max_length=4)]]] = None
+    seed: Optional[integer(ge=SEED_MIN, le=SEED_MAX)] = None
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    ignore_eos: bool = False  # vLLM's extension
     user: Optional[str] = None
-    # Accepted at their defaults only (see ``unsupported``).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[str, float]] = None
-    logprobs: Optional[Any] = None
+    presence_penalty: Optional[float] = noop(None, 0)
+    frequency_penalty: Optional[float] = noop(None, 0)
+    logit_bias: Optional[dict[str, float]] = noop(None, {})
+    # vLLM's extensions (EXTENSIONS).
+    top_k: Optional[integer(ge=-1, le=2**31 - 1)] = None  # -1 or 0: off
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=10)  # 1: off; tiny ones overflow the logits
+    min_tokens: integer(ge=0) = 0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[integer(ge=0)]] = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool = False
+    use_beam_search: bool = noop(False, default=False)
 
     def unsupported(self) -> Optional[str]:
         """The first field set to something this server cannot do, or None."""
-        checks = {
-            "presence_penalty": self.presence_penalty == 0,
-            "frequency_penalty": self.frequency_penalty == 0,
-            "logit_bias": not self.logit_bias,
-            "logprobs": self.logprobs in (None, False, 0),
-        }
-        return next((name for name, ok in checks.items() if not ok), None)
+        return beyond_noop(self)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -58,48 +97,60 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-
-    def unsupported(self) -> Optional[str]:
-        if self.echo:
-            return "echo"
-        if self.best_of not in (None, 1, self.n):
-            return "best_of"
-        if self.suffix:
-            return "suffix"
-        return super().unsupported()
+    prompt: Union[str, list[str], list[integer()], list[list[integer()]]]
+    echo: Optional[bool] = noop(None, False)
+    best_of: Optional[integer()] = noop(None, 1)
+    suffix: Optional[str] = noop(None, "")
+    logprobs: Optional[integer()] = noop(None, 0)
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+    type: str = noop("text", default=...)
     text: Optional[str] = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    refusal: Optional[str] = noop(None)
+    tool_calls: Optional[list[Any]] = noop(None, [])
+    tool_call_id: Optional[str] = noop(None)
+    function_call: Optional[dict[str, Any]] = noop(None)
+    audio: Optional[dict[str, Any]] = noop(None)
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
+    max_completion_tokens: Optional[integer(ge=1)] = None
+    logprobs: Optional[bool] = noop(None, False)
+    top_logprobs: Optional[integer()] = noop(None, 0)
+    tools: Optional[list[Any]] = noop(None, [])
+    tool_choice: Optional[Union[str, dict[str, Any]]] = noop(None, "none")
+    parallel_tool_calls: Optional[bool] = noop(None, True)
+    functions: Optional[list[Any]] = noop(None, [])
+    function_call: Optional[Union[str, dict[str, Any]]] = noop(None, "none")
+    response_format: Optional[dict[str, Any]] = noop(None, {"type": "text"})
+    modalities: Optional[list[str]] = noop(None, ["text"])
+    audio: Optional[dict[str, Any]] = noop(None)
+    prediction: Optional[dict[str, Any]] = noop(None)
+    reasoning_effort: Optional[str] = noop(None)
+    verbosity: Optional[str] = noop(None)
+    web_search_options: Optional[dict[str, Any]] = noop(None)
+    store: Optional[bool] = noop(None, False)
+    service_tier: Optional[str] = noop(None, "auto", "default")
+    # Bookkeeping that does not change the answer.
+    metadata: Optional[dict[str, str]] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
 
     def unsupported(self) -> Optional[str]:
-        if self.tools:
-            return "tools"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format"
         for i, message in enumerate(self.messages):
-            if isinstance(message.content, list) and any(p.type != "text" for p in message.content):
-                return f"messages[{i}].content"
+            parts = message.content if isinstance(message.content, list) else []
+            field = "content" if any(beyond_noop(p) for p in parts) else beyond_noop(message)
+            if field is not None:
+                return f"messages[{i}].{field}"
         return super().unsupported()
 
     def conversation(self) -> list[dict[str, str]]:
@@ -111,6 +162,97 @@ class ChatCompletionRequest(SamplingRequest):
                 content = "".join(p.text or "" for p in content)
             out.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
         return out
+
+
+def beyond_noop(model: BaseModel) -> Optional[str]:
+    """The first of ``model``'s ``noop`` fields that holds a value other than its no-op ones."""
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and "enum" in extra and getattr(model, name) not in extra["enum"]:
+            return name
+    return None
+
+
+# The answers, for the OpenAPI spec.
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, which the official clients parse into their exception classes."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+    prompt_token_ids: Optional[list[int]] = None  # with return_token_ids
+    token_ids: Optional[list[int]] = None  # with return_token_ids
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+    token_ids: Optional[list[int]] = None  # with return_token_ids
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    prompt_token_ids: Optional[list[int]] = None  # with return_token_ids
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
 
 
 def new_id(prefix: str) -> str:
