@@ -7,7 +7,7 @@ the prompt columns followed by the new tokens, right-padded.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 def prompt_token_lists(inputs: dict[str, Any]) -> list[list[int]]:
@@ -58,3 +58,38 @@ def follow_steps(steps: Iterable[list[Optional[int]]], rows: int, criteria: Any,
         if not any(running):
             break
     return new
+
+
+def follow_server_steps(steps: Iterable[list[int]], rows: int, criteria: Any, pad_token_id: int,
+                        stop_rows: Callable[[list[int]], None]) -> list[list[int]]:
+    """``follow_steps`` for a server that generates a batch step by step and ends a row itself at
+    the criteria's EOS ids (``criteria.eos_token_ids``) or when told to (``stop_rows``).
+
+    A row the criteria stop is handed to ``stop_rows`` at once, unless its last token is one of
+    those EOS ids (the server has ended it already). If reading ends before the server's stream
+    does (every row stopped here, or an error), the rows not yet ended on the server go to
+    ``stop_rows`` too, so that nothing runs on for a reader that has left.
+    """
+    eos = set(getattr(criteria, "eos_token_ids", None) or ())
+    last: list[Optional[int]] = [None] * rows
+    ended: set[int] = set()  # rows the server has ended or been told to end
+    exhausted = False
+
+    def watched() -> Iterator[list[int]]:
+        nonlocal exhausted
+        for step in steps:
+            last[:] = step
+            yield step
+        exhausted = True
+
+    def on_stop(row: int) -> None:
+        ended.add(row)
+        if last[row] not in eos:
+            stop_rows([row])
+
+    try:
+        return follow_steps(watched(), rows, criteria, pad_token_id, on_stop=on_stop)
+    finally:
+        rest = [row for row in range(rows) if row not in ended and last[row] not in eos]
+        if not exhausted and rest:
+            stop_rows(rest)

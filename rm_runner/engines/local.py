@@ -145,15 +145,24 @@ class LocalEngine(Engine):
 
         ``on_step`` answers which rows are finished; generation ends when all are. This is the
         streaming form of ``infer``: where the executor calls Hugging Face stopping criteria every
-        step (``executor.streams(model)``) tokens arrive as they are made and finished rows (a stop
-        string, a client that left) end early; elsewhere (a server's client) the finished output
-        is replayed step by step through the same callback.
+        step (``executor.streams(model)``) tokens arrive as they are made and finished rows (EOS,
+        a stop string, a client that left) end early; elsewhere (a server's client) the finished
+        output is replayed step by step through the same callback.
+
+        Rows end through ``on_step``, not through ``generate()``'s own EOS check (``eos_token_id=None``);
+        the criteria name the EOS ids ``on_step`` stops at, so an executor that follows a server
+        (Triton, TorchServe) has the server end a row at EOS itself; none where ``kwargs`` ignore
+        EOS, or keep it out of the first ``min_new_tokens`` (a server may not know that rule, and
+        ``on_step`` still ends such rows, one step later on the server).
         """
         if not self.health():
             raise RunnerError(f"engine={self.name}: generate_steps() before start() and load_model()")
         inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
-        if self.streams():  # rows end through on_step, which knows each row's EOS, not through generate()'s
-            self.executor.execute(self.model, dict(inputs), stopping_criteria=_step_criteria(on_step),
+        if self.streams():
+            ignores_eos = "eos_token_id" in kwargs and kwargs["eos_token_id"] is None
+            eos = () if ignores_eos or kwargs.get("min_new_tokens") else self.eos_ids
+            criteria = _step_criteria(on_step, eos)
+            self.executor.execute(self.model, dict(inputs), stopping_criteria=criteria,
                                   **{**kwargs, "eos_token_id": None})
             return
         output = self.executor.execute(self.model, dict(inputs), **kwargs)
@@ -232,8 +241,13 @@ def render(tokenizer: Any, request: Request) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _step_criteria(on_step: Callable[[list[int]], list[bool]]) -> Any:
-    """Hugging Face stopping criteria that report every step's tokens and stop rows on request."""
+def _step_criteria(on_step: Callable[[list[int]], list[bool]], eos_token_ids: set[int] | tuple[int, ...] = ()) -> Any:
+    """Hugging Face stopping criteria that report every step's tokens and stop rows on request.
+
+    ``eos_token_ids`` (the list's attribute of that name, sorted) are the tokens at which
+    ``on_step`` ends a row: a server's client sends them so that the server ends such rows itself,
+    at once, instead of waiting to be told.
+    """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -242,4 +256,6 @@ def _step_criteria(on_step: Callable[[list[int]], list[bool]]) -> Any:
             done = on_step(input_ids[:, -1].tolist())
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    return StoppingCriteriaList([StepCallback()])
+    criteria = StoppingCriteriaList([StepCallback()])
+    criteria.eos_token_ids = sorted(eos_token_ids)
+    return criteria
