@@ -13,12 +13,13 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import follow_steps, generate_output
+from rm_runner.backends.hf_form import follow_server_steps, generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 class TritonClient:
     """The executor: one Triton request per padded batch, ``generate()``-shaped sequences back; a
-    batch that is followed step by step goes to the decoupled ``<model>_stream`` over gRPC."""
+    batch that is followed step by step goes to the decoupled ``<model>_stream`` over gRPC, with
+    the EOS ids its criteria stop at, and each row the criteria stop (a stop string, a client that
+    left) is ended on the server too, through ``<model>_stop`` (see ``triton_server``)."""
 
     def __init__(self, url: str, model_name: str, timeout_s: float, grpc_url: str | None = None) -> None:
         import tritonclient.http as httpclient
@@ -92,12 +95,38 @@ class TritonClient:
         return torch.from_numpy(result.as_numpy("sequences"))
 
     def _stream(self, inputs: dict[str, Any], arrays: dict[str, Any], criteria: Any, pad: int) -> Any:
-        """Follow the decoupled model's responses, one per step, until ``criteria`` stop every row."""
+        """Follow the decoupled model's responses, one per step, until ``criteria`` stop every row;
+        the server ends the rows the criteria stop too (``follow_server_steps``)."""
+        import numpy as np
         from pytriton.client import DecoupledModelClient
 
+        stream, rows = uuid.uuid4().hex, len(arrays["input_ids"])
+        eos = getattr(criteria, "eos_token_ids", None) or [-1]  # -1: none (a tensor needs a column)
+        arrays = {**arrays, "stream_id": np.full((rows, 1), stream.encode(), dtype=np.object_),
+                  "eos_token_ids": np.tile(np.array(eos, dtype=np.int64), (rows, 1))}
         with DecoupledModelClient(self.grpc_url, f"{self.model_name}_stream", inference_timeout_s=self.timeout_s) as client:
-            steps = (response["tokens"][:, 0].tolist() for response in client.infer_batch(**arrays))
-            return generate_output(inputs["input_ids"], follow_steps(steps, len(arrays["input_ids"]), criteria, pad), pad)
+            responses = client.infer_batch(**arrays)
+            try:
+                new = follow_server_steps((r["tokens"][:, 0].tolist() for r in responses), rows, criteria, pad,
+                                          lambda ended: self.stop_rows(stream, ended))
+            finally:  # frees the client, whose close waits for the stream's end: the rows we stopped bring it
+                responses.close()
+        return generate_output(inputs["input_ids"], new, pad)
+
+    def stop_rows(self, stream: str, rows: list[int]) -> None:
+        """Have the server end ``rows`` of ``stream`` (``<model>_stop``); a failure is logged, not
+        raised (the stream then runs to its end, as it would have without us)."""
+        import numpy as np
+        import tritonclient.http as httpclient
+
+        stream_id = httpclient.InferInput("stream_id", [1, 1], "BYTES")
+        stream_id.set_data_from_numpy(np.array([[stream.encode()]], dtype=np.object_))
+        ended = httpclient.InferInput("rows", [1, len(rows)], "INT64")
+        ended.set_data_from_numpy(np.array([rows], dtype=np.int64))
+        try:
+            self.client.infer(f"{self.model_name}_stop", [stream_id, ended])
+        except Exception as exc:  # noqa: BLE001 - the stream goes on; say why
+            log.warning("could not stop rows %s of Triton stream %s: %s", rows, stream, exc)
 
 
 INSTALL = ("python3 -m venv .venv-triton && .venv-triton/bin/pip install torch==2.13.0 'rm-runner[triton]' "
