@@ -24,16 +24,30 @@ def test_torchserve_answers_like_the_local_engine_and_binds_loopback_only(tmp_pa
     assert "disable_token_authorization=true" in (tmp_path / "torchserve" / "torchserve" / "config.properties").read_text()
 
 
-def test_the_api_serves_through_torchserve(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory):
+    """One ``pipeline=serve engine=torchserve`` (SmolLM2, float32) for the API tests of this
+    module; stopped at the end, where it must exit 0."""
+    server = Server(tmp_path_factory.mktemp("serve"), "engine=torchserve", "model.dtype=float32")
+    try:
+        yield server
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err[-3000:]
+
+
+def test_the_api_serves_through_torchserve(tmp_path: Path, api: Server) -> None:
     """pipeline=serve engine=torchserve: OpenAI clients reach a model that TorchServe runs, streamed
     requests through TorchServe's intermediate responses, a step at a time."""
     expected = local_answer(tmp_path)
-    server = Server(tmp_path / "serve", "engine=torchserve", "model.dtype=float32")
-    try:
-        answer, chunks = ask(server), ask(server, stream=True)
-    finally:
-        code, _, err = server.stop()
+    answer, chunks = ask(api), ask(api, stream=True)
     assert answer.choices[0].message.content == "".join(chunks) == expected
     assert len(chunks) > 3  # streamed step by step
-    assert code == 0, err[-3000:]
-    assert (tmp_path / "serve" / "torchserve").is_dir()
+    assert (api.run_dir / "torchserve").is_dir()
+
+
+def test_a_streamed_row_that_ends_ends_on_the_server(api: Server) -> None:
+    """EOS, a stop string, a client that left: TorchServe's worker stops generating for the row then."""
+    from tests.test_engine_triton import rows_end_on_the_server
+
+    rows_end_on_the_server(api, api.run_dir / "torchserve" / "logs" / "model_log.log")

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import httpx
 
 from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import follow_steps, generate_output
+from rm_runner.backends.hf_form import follow_server_steps, generate_output
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
@@ -34,11 +35,16 @@ from rm_runner.engines.torchserve_handler import handle  # noqa: F401
 
 class TorchServeClient:
     """The executor: one POST per padded batch to /predictions/NAME, ``generate()``'s sequences back;
-    a batch followed step by step is streamed (one JSON line per step, see the handler)."""
+    a batch followed step by step is streamed (one JSON line per step, see the handler), with the
+    EOS ids its criteria stop at, and each row the criteria stop (a stop string, a client that
+    left) is marked in ``stop_dir`` for the handler to end it too (``StopFiles``)."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, stop_dir: Path | None = None) -> None:
+        from rm_runner.engines.torchserve_handler import StopFiles
+
         self.url = url
         self.http = httpx.Client(timeout=timeout_s)
+        self.stops = StopFiles(stop_dir) if stop_dir is not None else None
 
     def prepare_model(self, path: Any, config: Any) -> str:
         return self.url
@@ -64,12 +70,25 @@ class TorchServeClient:
         return True
 
     def _stream(self, inputs: dict[str, Any], body: dict[str, Any], criteria: Any, pad: int) -> Any:
-        with self.http.stream("POST", self.url, json={**body, "stream": True}) as response:
+        stream, rows = uuid.uuid4().hex, len(body["input_ids"])
+        body = {**body, "stream": True, "stream_id": stream, "eos_token_ids": getattr(criteria, "eos_token_ids", [])}
+        with self.http.stream("POST", self.url, json=body) as response:
             if response.status_code != 200:
                 raise EngineError(f"torchserve answered {response.status_code}: {response.read()[:500]!r}")
             lines = (json.loads(line) for line in response.iter_lines() if line.strip())
             steps = (line["tokens"] for line in lines if "tokens" in line)  # the last line is {"done": true}
-            return generate_output(inputs["input_ids"], follow_steps(steps, len(body["input_ids"]), criteria, pad), pad)
+            new = follow_server_steps(steps, rows, criteria, pad, lambda ended: self._stop(stream, ended, rows))
+        return generate_output(inputs["input_ids"], new, pad)
+
+    def _stop(self, stream: str, ended: list[int], rows: int) -> None:
+        """Mark rows of ``stream`` as ended for the handler; a failure is logged, not raised (the
+        stream then runs to its end, as it would have without us)."""
+        if self.stops is None:
+            return
+        try:
+            self.stops.stop(stream, None if len(ended) == rows else ended)
+        except OSError as exc:
+            log.warning("could not stop rows %s of TorchServe stream %s: %s", ended, stream, exc)
 
     def close(self) -> None:
         self.http.close()
@@ -122,7 +141,8 @@ class TorchServeEngine(ServedEngine):
         return Availability(True)
 
     def _write_model_archive(self, work: Path, path: Path, config: ModelConfig) -> None:
-        atomic_write_text(work / "spec.json", json.dumps(self.model_spec(path, config), indent=2) + "\n")
+        spec = {**self.model_spec(path, config), "stop_dir": str(work / "stops")}
+        atomic_write_text(work / "spec.json", json.dumps(spec, indent=2) + "\n")
         atomic_write_text(work / "handler.py", HANDLER)
         (work / "model_store").mkdir(exist_ok=True)
         archive = subprocess.run(
@@ -176,5 +196,5 @@ class TorchServeEngine(ServedEngine):
 
         self.ready_s = round(self.server.wait_ready(worker_ready, self.startup_timeout_s), 3)
         url = f"http://{self.host}:{self.ports['inference_port']}/predictions/{self.model_name}"
-        self.executor = TorchServeClient(url, timeout_s=self.response_timeout_s)
+        self.executor = TorchServeClient(url, timeout_s=self.response_timeout_s, stop_dir=work / "stops")
         super().load_model(path, config)

@@ -6,16 +6,59 @@ left-padded batch of token ids and ``generate()`` keywords, with ``generate()``'
 A request with ``"stream": true`` is answered step by step instead: one intermediate response
 (TorchServe's streaming, HTTP chunks) per decoding step with every row's new token, one JSON
 line each, then a final ``{"done": true}``.
+
+A streamed row ends on the server as soon as it ends for its client: at the EOS ids the request
+names (``eos_token_ids``), and when the client marks it stopped (a stop string, a client that
+left) in the stop directory it shares with this handler (``StopFiles``): TorchServe tells a busy
+worker nothing, not even that the client closed the connection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
+
+
+class StopFiles:
+    """Which rows of a stream its client has ended: an empty file ``STREAM.ROW`` (``STREAM.all``)
+    each, in a directory the engine's client and the handler share (both run on this host).
+
+    The client writes them; the handler reads them every step and removes a stream's files when
+    it ends (and, one worker serving one stream at a time, any other stream's left behind).
+    """
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _check(stream: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{32}", stream):
+            raise ValueError(f"stream id {stream!r}: expected 32 hex digits")
+        return stream
+
+    def stop(self, stream: str, rows: Optional[list[int]] = None) -> None:
+        """Mark ``rows`` (None: every row) of ``stream`` as ended."""
+        for row in ["all"] if rows is None else [int(r) for r in rows]:
+            (self.directory / f"{self._check(stream)}.{row}").touch()
+
+    def stopped(self, stream: str, rows: int) -> list[bool]:
+        prefix = self._check(stream) + "."
+        ended = {name[len(prefix):] for name in os.listdir(self.directory) if name.startswith(prefix)}
+        return ["all" in ended or str(row) in ended for row in range(rows)]
+
+    def clear(self, stream: str, others: bool = False) -> None:
+        """Remove ``stream``'s files, or (``others``) every other stream's."""
+        prefix = self._check(stream) + "."
+        for name in os.listdir(self.directory):
+            if name.startswith(prefix) != others:
+                (self.directory / name).unlink(missing_ok=True)
 
 
 class RMRunnerHandler:
@@ -23,6 +66,7 @@ class RMRunnerHandler:
         self.initialized = False
         self.backend: Any = None
         self.model: Any = None
+        self.stops: Optional[StopFiles] = None
 
     def initialize(self, context: Any) -> None:
         from hydra.utils import instantiate
@@ -35,6 +79,7 @@ class RMRunnerHandler:
         self.backend.initialize()
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), spec["model_config"]))
         self.model = self.backend.prepare_model(Path(spec["model_path"]), config)
+        self.stops = StopFiles(spec["stop_dir"]) if spec.get("stop_dir") else None
         self.initialized = True
         log.info("rm_runner handler ready: %s on %s", spec["model_path"], self.backend.name)
 
@@ -48,25 +93,48 @@ class RMRunnerHandler:
                 body = json.loads(body)
             inputs = {"input_ids": torch.tensor(body["input_ids"]), "attention_mask": torch.tensor(body["attention_mask"])}
             if body.get("stream"):
-                self.backend.execute(self.model, inputs, stopping_criteria=_stepper(context), **body["generate"])
-                answers.append({"done": True})
+                answers.append(self._stream(inputs, body, context))
                 continue
             output = self.backend.execute(self.model, inputs, **body["generate"])
             answers.append({"sequences": getattr(output, "sequences", output).cpu().tolist()})
         return answers
 
+    def _stream(self, inputs: dict[str, Any], body: dict[str, Any], context: Any) -> dict[str, Any]:
+        """Generate a step at a time (see ``_stepper``): rows end at the request's EOS ids
+        (none: EOS ignored) or when the client stops them; the log says after how many steps."""
+        kwargs = {**body["generate"], "eos_token_id": body.get("eos_token_ids") or None}
+        stream = body.get("stream_id")
+        stops = self.stops if stream else None
+        if stops is not None:
+            stops.clear(stream, others=True)  # what earlier streams left: a stop that came after their end
+        rows = len(body["input_ids"])
+        ran = [0]
+        try:
+            self.backend.execute(self.model, inputs, stopping_criteria=_stepper(context, stops, stream, rows, ran),
+                                 **kwargs)
+        finally:
+            by_client = sum(stops.stopped(stream, rows)) if stops is not None else 0
+            if stops is not None:
+                stops.clear(stream)
+            log.info("stream %s: %d decoding steps for %d rows (max_new_tokens %s), %d ended by the client",
+                     stream, ran[0], rows, kwargs.get("max_new_tokens"), by_client)
+        return {"done": True}
 
-def _stepper(context: Any) -> Any:
-    """Stopping criteria that send each step's tokens to the client as an intermediate response."""
+
+def _stepper(context: Any, stops: Optional[StopFiles], stream: Optional[str], rows: int, ran: list[int]) -> Any:
+    """Stopping criteria that send each step's tokens to the client as an intermediate response
+    and end the rows that ``stops`` say the client ended; ``ran[0]`` counts the steps."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
     from ts.protocol.otf_message_handler import send_intermediate_predict_response
 
     class Step(StoppingCriteria):
         def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
+            ran[0] += 1
             line = json.dumps({"tokens": ids[:, -1].tolist()}) + "\n"
             send_intermediate_predict_response([line], context.request_ids, "step", 200, context)
-            return torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            ended = stops.stopped(stream, rows) if stops is not None and stream else [False] * rows
+            return torch.tensor(ended, dtype=torch.bool, device=ids.device)
 
     return StoppingCriteriaList([Step()])
 
