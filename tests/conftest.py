@@ -116,10 +116,15 @@ class Server:
     def __init__(self, run_dir: Path, *overrides: str, env: dict[str, str] | None = None,
                  python: str = sys.executable) -> None:
         self.run_dir = run_dir
-        self.proc = subprocess.Popen(
-            [python, "-m", "rm_runner", "pipeline=serve", "server.port=0", *overrides, f"hydra.run.dir={run_dir}"],
-            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        # Output goes to files beside the run directory, never to pipes nobody reads while it runs:
+        # a full pipe (~64 KB of access log) would block the server inside its logging.
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = (run_dir.parent / f"{run_dir.name}.{s}" for s in ("stdout", "stderr"))
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [python, "-m", "rm_runner", "pipeline=serve", "server.port=0", *overrides, f"hydra.run.dir={run_dir}"],
+                env={**os.environ, **(env or {})}, stdout=out, stderr=err, text=True,
+            )
         self.url = self._wait_ready(timeout_s=300)
         self.base = self.url.removesuffix("/v1")
 
@@ -132,7 +137,7 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                _, err = self.proc.communicate()
+                err = self.err_path.read_text(errors="replace")
                 raise AssertionError(f"the server exited with {self.proc.returncode}:\n{err[-3000:]}")
             info = self.run_dir / "server.json"
             if info.exists():
@@ -150,8 +155,9 @@ class Server:
         """SIGTERM, as a process manager stops it; returns (exit code, stdout, stderr)."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        out, err = self.proc.communicate(timeout=timeout_s)
-        return self.proc.returncode, out, err
+        self.proc.wait(timeout=timeout_s)
+        return (self.proc.returncode, self.out_path.read_text(errors="replace"),
+                self.err_path.read_text(errors="replace"))
 
 
 QUESTION = "What is the capital of France?"
@@ -199,3 +205,60 @@ def served_like_local(tmp_path: Path, engine: str) -> dict:
     record = json.loads((tmp_path / engine / "metrics.json").read_text())["engine"]
     assert record["name"] == engine and record["ready_s"] > 0
     return record
+
+
+def rows_end_on_the_server(server: Server, log: Path, limit: int = 120) -> None:
+    """Three streamed requests for up to ``limit`` tokens whose row ends early, by EOS, a stop
+    string, and a client that leaves: the server ran only a few decoding steps for each, not
+    ``limit`` (its log counts the steps of every stream), and says whether the client ended it."""
+    def next_record(seen: int) -> tuple[int, int, int, int]:
+        record = wait_for(lambda: stream_records(log)[seen:])[0]
+        assert record[1:3] == (1, limit), record  # one row, max_new_tokens as asked
+        return record
+
+    seen = len(stream_records(log))
+    ask(server, max_tokens=limit, stream=True)  # the answer ends at EOS after a few tokens
+    steps, _, _, by_client = next_record(seen)
+    assert steps < 30 and by_client == 0, (steps, by_client)  # the server ended it at EOS itself
+
+    ask(server, max_tokens=limit, stream=True, stop=["Paris"], extra_body={"ignore_eos": True})
+    steps, _, _, by_client = next_record(seen + 1)
+    assert steps < limit // 3 and by_client == 1, (steps, by_client)  # on the client's word
+
+    leave_after_first_chunk(server, max_tokens=limit)
+    steps, _, _, by_client = next_record(seen + 2)
+    assert steps < limit // 3 and by_client == 1, (steps, by_client)
+
+
+def stream_records(log: Path) -> list[tuple[int, int, int, int]]:
+    """(decoding steps, rows, max_new_tokens, rows ended by the client) of each stream the
+    server ran, in order, from its log."""
+    import re
+
+    pattern = r"stream [0-9a-f]{32}: (\d+) decoding steps for (\d+) rows \(max_new_tokens (\d+)\), (\d+) ended"
+    return [tuple(int(g) for g in m.groups()) for m in re.finditer(pattern, log.read_text())]
+
+
+def leave_after_first_chunk(server: Server, max_tokens: int) -> None:
+    """A streamed request (EOS ignored) whose client goes away after the first piece of text."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+
+
+def wait_for(probe, timeout_s: float = 120):
+    """``probe()``'s first truthy answer, polled until ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (found := probe()) is None or not found:
+        assert time.monotonic() < deadline, f"not within {timeout_s} s"
+        time.sleep(0.1)
+    return found

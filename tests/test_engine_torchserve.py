@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, ask, local_answer, served_like_local
+from tests.conftest import Server, ask, local_answer, rows_end_on_the_server, served_like_local
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ts") is None or shutil.which("java") is None,
                                 reason="needs torchserve in this Python and Java (CI runs it in .venv-torchserve)")
@@ -48,6 +48,4 @@ def test_the_api_serves_through_torchserve(tmp_path: Path, api: Server) -> None:
 
 def test_a_streamed_row_that_ends_ends_on_the_server(api: Server) -> None:
     """EOS, a stop string, a client that left: TorchServe's worker stops generating for the row then."""
-    from tests.test_engine_triton import rows_end_on_the_server
-
     rows_end_on_the_server(api, api.run_dir / "torchserve" / "logs" / "model_log.log")
