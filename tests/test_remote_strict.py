@@ -15,16 +15,6 @@ COMMON = ("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps
           f"workload.prompts=['{QUESTION}','What is 12 plus 7?']")
 
 
-def strict_switch() -> bool:
-    from rm_runner.config import ServerConfig
-
-    return "openai_extensions" in ServerConfig.__dataclass_fields__
-
-
-needs_strict_switch = pytest.mark.skipif(not strict_switch(),
-                                         reason="rm_runner's API has no server.openai_extensions switch here")
-
-
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
 
@@ -66,8 +56,6 @@ def api(tmp_path_factory):
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
     """rm_runner's API refusing every field OpenAI does not define."""
-    if not strict_switch():
-        pytest.skip("rm_runner's API has no server.openai_extensions switch here")
     yield from serve(tmp_path_factory, "strict", "server.openai_extensions=false")
 
 
@@ -99,7 +87,6 @@ def test_a_server_that_does_not_answer_is_still_unavailable(tmp_path: Path) -> N
     assert proc.returncode == 0 and status(tmp_path)["status"] == "skipped"
 
 
-@needs_strict_switch
 @pytest.mark.parametrize("token_prompts", ["auto", "false"])
 def test_remote_against_a_strict_server_answers_like_local(strict: Server, local: Path, tmp_path: Path,
                                                            token_prompts: str) -> None:
@@ -116,7 +103,6 @@ def test_remote_against_a_strict_server_answers_like_local(strict: Server, local
     assert "Unrecognized request argument supplied" in server["refused"]
 
 
-@needs_strict_switch
 def test_what_a_strict_server_cannot_be_asked_is_refused_by_its_generation_field(strict: Server, tmp_path: Path) -> None:
     proc = remote_run(tmp_path, strict.url, "generation.ignore_eos=true")
     assert proc.returncode == 1
@@ -125,7 +111,6 @@ def test_what_a_strict_server_cannot_be_asked_is_refused_by_its_generation_field
         "Unrecognized request argument supplied" in reason and "generation.ignore_eos=false" in reason
 
 
-@needs_strict_switch
 def test_the_api_in_front_of_a_strict_server_streams_the_local_answer(strict: Server, local: Path,
                                                                       tmp_path: Path) -> None:
     """pipeline=serve in front of device=remote on a strict server: the text the strict server
@@ -138,6 +123,34 @@ def test_the_api_in_front_of_a_strict_server_streams_the_local_answer(strict: Se
         code, _, err = front.stop()
     assert len(chunks) > 3 and "".join(chunks) == records(local)[0]["text"]
     assert code == 0, err[-2000:]
+
+
+def test_vllms_sampling_fields_reach_the_server_or_are_refused(api: Server, strict: Server, tmp_path: Path) -> None:
+    """repetition_penalty, min_p and min_tokens asked of an API in front of device=remote reach a
+    server that takes vLLM's extensions (the same answer as asking it directly), and are refused by
+    name in front of one that does not, never silently dropped."""
+    import openai
+
+    def answer(server: Server, **extra) -> str:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        reply = client.completions.create(model="smollm2-135m", prompt="One, two, one, two, one,", max_tokens=12,
+                                          temperature=0, extra_body=extra)
+        return reply.choices[0].text
+
+    penalised = {"repetition_penalty": 1.8, "min_tokens": 12}
+    direct = answer(api, **penalised)
+    assert direct != answer(api)  # the penalty changes this answer
+    front = Server(tmp_path / "front", "device=remote", f"device.base_url={api.url}", "model.dtype=float32")
+    strict_front = Server(tmp_path / "strict-front", "device=remote", f"device.base_url={strict.url}",
+                          "model.dtype=float32")
+    try:
+        assert answer(front, **penalised) == direct
+        with pytest.raises(openai.APIStatusError) as refused:
+            answer(strict_front, repetition_penalty=1.8)
+        assert "repetition_penalty" in refused.value.message and "vLLM's extensions" in refused.value.message
+    finally:
+        front.stop()
+        strict_front.stop()
 
 
 # The tokens of a streamed text, without a server: fragments as servers stream them.

@@ -49,3 +49,34 @@ def test_asking_for_the_vllm_backend_without_it_names_what_is_missing(tmp_path: 
     proc = cli("engine=triton", "engine.server=vllm", "model=tiny-random", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 1
     assert "engine.server=vllm needs a tritonserver binary with its vLLM backend" in proc.stderr
+
+
+def test_vllms_sampling_fields_reach_both_triton_servers() -> None:
+    """repetition_penalty, min_p and min_new_tokens (served by the API) reach the model on either
+    Triton server instead of being dropped by a fixed list of parameters."""
+    import torch
+
+    from rm_runner.engines.triton import TritonClient
+    from rm_runner.engines.triton_server import PARAMS, hf_kwargs
+
+    asked = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": None, "seed": 3,
+             "repetition_penalty": 1.3, "min_p": 0.05, "min_new_tokens": 4}
+    arrays = TritonClient._arrays({"input_ids": torch.tensor([[5, 6, 7]])}, asked)
+    received = hf_kwargs({name: arrays[name][0, 0].item() for name, _ in PARAMS}, pad_token_id=0)
+    assert received["repetition_penalty"] == pytest.approx(1.3) and received["min_p"] == pytest.approx(0.05)
+    assert received["min_new_tokens"] == 4
+    plain = {"max_new_tokens": 8, "do_sample": False, "seed": 0}
+    arrays = TritonClient._arrays({"input_ids": torch.tensor([[5, 6, 7]])}, plain)
+    received = hf_kwargs({name: arrays[name][0, 0].item() for name, _ in PARAMS}, pad_token_id=0)
+    assert not {"repetition_penalty", "min_p", "min_new_tokens"} & set(received)  # no-op values stay out
+    assert sampling_parameters(asked) == {"max_tokens": 8, "seed": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
+                                          "repetition_penalty": 1.3, "min_tokens": 4, "min_p": 0.05}
+
+
+def test_triton_requests_have_their_own_timeout() -> None:
+    from rm_runner.engines.triton import TritonEngine
+    from rm_runner.errors import ConfigError
+
+    assert TritonEngine(CPUBackend(), request_timeout_s=42).request_timeout_s == 42
+    with pytest.raises(ConfigError, match="engine.request_timeout_s must be > 0"):
+        TritonEngine(CPUBackend(), request_timeout_s=0)

@@ -112,15 +112,14 @@ class GPUBackend(TransformersTorchBackend):
     def cuda_visible_devices(self) -> str:
         """The CUDA_VISIBLE_DEVICES that shows vLLM exactly this backend's GPUs, as its devices
         0..tensor_parallel_size-1: the ``device_id``-th visible device on (the existing
-        CUDA_VISIBLE_DEVICES entries when it is set, GPU UUIDs included)."""
+        CUDA_VISIBLE_DEVICES entries when it is set, GPU UUIDs included). Unset, the ids are the
+        host's own: this process's torch need not see the GPUs a server's venv will (a CPU-only
+        torch beside engine.python), and ``availability`` counts them where it can."""
+        width = self.options.tensor_parallel_size
         current = os.environ.get("CUDA_VISIBLE_DEVICES")
         if current is None:
-            import torch
-
-            entries = [str(i) for i in range(torch.cuda.device_count())]
-        else:
-            entries = [entry.strip() for entry in current.split(",") if entry.strip()]
-        width = self.options.tensor_parallel_size
+            return ",".join(str(i) for i in range(self.options.device_id, self.options.device_id + width))
+        entries = [entry.strip() for entry in current.split(",") if entry.strip()]
         fits = self._fits(len(entries), width)
         if not fits:
             raise ConfigError(fits.describe())

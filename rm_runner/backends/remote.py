@@ -34,6 +34,9 @@ VLLM_EXTENSIONS = ("return_token_ids", "skip_special_tokens", "ignore_eos", "top
 Switch = Union[str, bool]  # "auto", True or False
 
 
+# generate() keywords that vLLM's OpenAI server takes as request extensions: (generate(), vLLM).
+VLLM_SAMPLING = (("repetition_penalty", "repetition_penalty"), ("min_p", "min_p"), ("min_new_tokens", "min_tokens"))
+
 @dataclass
 class RemoteOptions(BackendOptions):
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -312,6 +315,10 @@ class RemoteBackend(Backend):
         if ignore_eos:
             raise ConfigError(f"generation.ignore_eos=true: ignore_eos is a vLLM extension and {why}. Set "
                               "generation.ignore_eos=false, or use a server that takes vLLM's extensions")
+        asked = [vllm for hf, vllm in VLLM_SAMPLING if kwargs.get(hf) is not None]
+        if asked:
+            raise RunnerError(f"{', '.join(asked)}: vLLM sampling extensions, and {why}; leave them out, or use a "
+                              "server that takes vLLM's extensions")
 
     @staticmethod
     def _request(model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any], stream: bool,
@@ -324,6 +331,7 @@ class RemoteBackend(Backend):
                 extra["ignore_eos"] = True
             if sample and kwargs.get("top_k"):
                 extra["top_k"] = kwargs["top_k"]
+            extra.update({vllm: kwargs[hf] for hf, vllm in VLLM_SAMPLING if kwargs.get(hf) is not None})
         request = dict(model=model.served_name, prompt=model.prompt(prompt_ids),
                        max_tokens=kwargs.get("max_new_tokens", 16),
                        temperature=(kwargs.get("temperature") or 1.0) if sample else 0.0,

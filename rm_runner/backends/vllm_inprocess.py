@@ -47,7 +47,7 @@ def sampling_params(hf_kwargs: dict[str, Any]) -> Any:
 
     unknown = set(hf_kwargs) - {
         "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed",
-        "eos_token_id", "pad_token_id",
+        "eos_token_id", "pad_token_id", "repetition_penalty", "min_p",
     }
     if unknown:
         raise RunnerError(f"vLLM mode does not support generate() arguments: {', '.join(sorted(unknown))}")
@@ -58,7 +58,11 @@ def sampling_params(hf_kwargs: dict[str, Any]) -> Any:
         # generate(eos_token_id=None) means "do not stop at EOS"
         "ignore_eos": "eos_token_id" in hf_kwargs and hf_kwargs["eos_token_id"] is None,
     }
+    if hf_kwargs.get("repetition_penalty") is not None:
+        params["repetition_penalty"] = hf_kwargs["repetition_penalty"]
     if hf_kwargs.get("do_sample"):
+        if hf_kwargs.get("min_p") is not None:
+            params["min_p"] = hf_kwargs["min_p"]
         params["temperature"] = hf_kwargs.get("temperature") or 1.0
         params["top_p"] = hf_kwargs.get("top_p") or 1.0
         params["top_k"] = hf_kwargs.get("top_k") or 0

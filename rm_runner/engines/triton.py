@@ -70,6 +70,9 @@ class TritonClient:
             "top_k": (np.int64, kwargs.get("top_k") or 0),
             "seed": (np.int64, kwargs.get("seed") or 0),
             "ignore_eos": (np.bool_, "eos_token_id" in kwargs and kwargs["eos_token_id"] is None),
+            "repetition_penalty": (np.float32, kwargs.get("repetition_penalty") or 1.0),
+            "min_p": (np.float32, kwargs.get("min_p") or 0.0),
+            "min_new_tokens": (np.int64, kwargs.get("min_new_tokens") or 0),
         }
         return {"input_ids": ids, "attention_mask": mask,
                 **{name: np.full((len(ids), 1), value, dtype=kind) for name, (kind, value) in params.items()}}
@@ -152,17 +155,18 @@ class TritonEngine(ServedEngine):
     def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
                  model_name: str = "rm_runner", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                 startup_timeout_s: float = 300.0, server: str = "auto") -> None:
+                 startup_timeout_s: float = 300.0, request_timeout_s: float = 600.0, server: str = "auto") -> None:
         super().__init__(backend, batch_size, host, python, startup_timeout_s)
-        if server not in ("auto", "pytriton", "vllm"):
-            from rm_runner.errors import ConfigError
+        from rm_runner.errors import ConfigError
 
+        if server not in ("auto", "pytriton", "vllm"):
             raise ConfigError(f"engine.server={server!r}: use auto, pytriton or vllm")
+        if request_timeout_s <= 0:
+            raise ConfigError(f"engine.request_timeout_s must be > 0, got {request_timeout_s}")
+        self.request_timeout_s = request_timeout_s
         # pytriton: the device's backend inside PyTriton; vllm: tritonserver's vLLM backend (GPU hosts)
         self.server_kind = server
         if max_batch_size < batch_size:
-            from rm_runner.errors import ConfigError
-
             raise ConfigError(f"engine.max_batch_size={max_batch_size} must be >= engine.batch_size={batch_size}")
         self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
         self.model_name, self.max_batch_size, self.max_queue_delay_us = model_name, max_batch_size, max_queue_delay_us
@@ -203,7 +207,7 @@ class TritonEngine(ServedEngine):
         url = f"{h}:{p['http_port']}"
         self.ready_s = round(self.server.wait_ready(http_ok(f"http://{url}/v2/models/{self.model_name}/ready"),
                                                     self.startup_timeout_s), 3)
-        return TritonVLLMClient(url, self.model_name, timeout_s=self.startup_timeout_s)
+        return TritonVLLMClient(url, self.model_name, timeout_s=self.request_timeout_s)
 
     def load_model(self, path: Path, config: ModelConfig) -> None:
         log_dir = self.log_dir or Path.cwd()
@@ -223,6 +227,6 @@ class TritonEngine(ServedEngine):
         url = f"{self.host}:{self.ports['http_port']}"
         ready = http_ok(f"http://{url}/v2/models/{self.model_name}/ready")
         self.ready_s = round(self.server.wait_ready(ready, self.startup_timeout_s), 3)
-        self.executor = TritonClient(url, self.model_name, timeout_s=self.startup_timeout_s,
+        self.executor = TritonClient(url, self.model_name, timeout_s=self.request_timeout_s,
                                      grpc_url=f"grpc://{self.host}:{self.ports['grpc_port']}")
         super().load_model(path, config)

@@ -34,7 +34,8 @@ import numpy as np
 log = logging.getLogger("rm_runner.triton_server")
 
 PARAMS = (("max_new_tokens", np.int64), ("do_sample", np.bool_), ("temperature", np.float32),
-          ("top_p", np.float32), ("top_k", np.int64), ("seed", np.int64), ("ignore_eos", np.bool_))
+          ("top_p", np.float32), ("top_k", np.int64), ("seed", np.int64), ("ignore_eos", np.bool_),
+          ("repetition_penalty", np.float32), ("min_p", np.float32), ("min_new_tokens", np.int64))
 ALL_ROWS = -1  # in a stop request: every row of the stream
 
 
@@ -49,6 +50,13 @@ def hf_kwargs(values: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if values["ignore_eos"]:
         kwargs["eos_token_id"] = None
+    # Sent as their no-op values when not asked for (1.0, 0.0, 0); generate() gets them only when asked.
+    if float(values["repetition_penalty"]) != 1.0:
+        kwargs["repetition_penalty"] = float(values["repetition_penalty"])
+    if kwargs["do_sample"] and float(values["min_p"]) > 0:
+        kwargs["min_p"] = float(values["min_p"])
+    if int(values["min_new_tokens"]) > 0:
+        kwargs["min_new_tokens"] = int(values["min_new_tokens"])
     return kwargs
 
 

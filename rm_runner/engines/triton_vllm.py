@@ -76,6 +76,8 @@ def sampling_parameters(kwargs: dict[str, Any]) -> dict[str, Any]:
         params["temperature"] = 0.0
     if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
         params["ignore_eos"] = True
+    params.update(repetition_penalty=kwargs.get("repetition_penalty"), min_tokens=kwargs.get("min_new_tokens"),
+                  min_p=kwargs.get("min_p") if kwargs.get("do_sample") else None)
     return {k: v for k, v in params.items() if v is not None}
 
 
