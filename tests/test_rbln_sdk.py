@@ -292,3 +292,21 @@ def test_engine_vllm_hands_the_compiled_folder_and_vllm_rbln_flags_to_the_server
                                                                                  "--block-size")}
     assert flags == {"--max-num-seqs": "2", "--max-model-len": "512", "--block-size": "512"}
     assert given["env"]["RBLN_VISIBLE_DEVICES"] == "1" and "RBLN_DEVICES" not in given["env"]
+
+
+def test_the_engine_and_the_api_hold_requests_to_the_compiled_length(sdk, cache) -> None:
+    """A model compiled for max_seq_len=256 while model.max_model_len is 2048: the engine refuses a
+    longer request before the NPU, naming device.max_seq_len, and says 256 to the API in front."""
+    from rm_runner.engines.local import LocalEngine
+    from rm_runner.requests import Request
+
+    engine = LocalEngine(RBLNBackend(mode="optimum", cache_dir=str(cache), max_seq_len=256, kvcache_block_size=256))
+    engine.start()
+    engine.load_model(tiny(), model_config(max_model_len=2048))
+    try:
+        assert engine.max_model_len == 256
+        long = Request(id="long", prompt=" ".join(["the"] * 252), chat_template=False)
+        with pytest.raises(ConfigError, match=r"request long: .* exceed the compiled max_seq_len \(device.max_seq_len\)=256"):
+            engine.check_lengths([long], [engine.render(long)], SimpleNamespace(max_new_tokens=6))
+    finally:
+        engine.stop()

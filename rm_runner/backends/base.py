@@ -124,6 +124,12 @@ class Backend(ABC):
         them after every decoding step, so served tokens reach clients as they are made."""
         return False
 
+    def max_model_len(self, model_config: Any) -> tuple[int, str]:
+        """The longest prompt + output the prepared model takes, and the option that sets it:
+        ``model.max_model_len``, unless the device fixed a shorter length when it compiled the
+        model (an RBLN NPU's max_seq_len), so requests are refused by length before they reach it."""
+        return model_config.max_model_len, "model.max_model_len"
+
     def device_memory(self) -> dict[str, float] | None:
         """Peak device memory in GiB where the device reports it (GPU), else None."""
         return None

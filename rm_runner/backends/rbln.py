@@ -316,6 +316,12 @@ class RBLNBackend(Backend):
         self.report["compiled"] = shapes
         return shapes
 
+    def max_model_len(self, model_config: Any) -> tuple[int, str]:
+        compiled = (self.report.get("compiled") or {}).get("max_seq_len")
+        if compiled is not None and compiled < model_config.max_model_len:
+            return compiled, "the compiled max_seq_len (device.max_seq_len)"
+        return model_config.max_model_len, "model.max_model_len"
+
     def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
         """vllm-rbln serves the compiled folder, compiled here first (or taken from the cache).
 

@@ -37,6 +37,7 @@ class LocalEngine(Engine):
         self.tokenizer: Any = None
         self.eos_ids: set[int] = set()
         self.max_model_len = 0
+        self.max_model_len_option = "model.max_model_len"  # what sets max_model_len, for errors
         self._started = False
 
     def describe(self) -> dict[str, Any]:
@@ -59,7 +60,7 @@ class LocalEngine(Engine):
             eos = None
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.max_model_len = config.max_model_len
+        self.max_model_len, self.max_model_len_option = self.backend.max_model_len(config)
 
     def health(self) -> bool:
         return self._started and self.model is not None
@@ -118,14 +119,14 @@ class LocalEngine(Engine):
         return self.executor is self.backend and self.openai_endpoint() is None and self.streams()
 
     def check_lengths(self, requests: list[Request], encoded: list[list[int]], generation: GenerationConfig) -> None:
-        """Every request's prompt and new tokens fit ``model.max_model_len``, or a ConfigError naming it."""
+        """Every request's prompt and new tokens fit the model's length, or a ConfigError naming what sets it."""
         for request, ids in zip(requests, encoded):
             wanted = request.max_new_tokens or generation.max_new_tokens
             if len(ids) + wanted > self.max_model_len:
                 raise ConfigError(
                     f"request {request.id}: {len(ids)} prompt tokens + {wanted} new tokens "
                     f"(generation.max_new_tokens or the workload's own length) exceed "
-                    f"model.max_model_len={self.max_model_len}"
+                    f"{self.max_model_len_option}={self.max_model_len}"
                 )
 
     def openai_endpoint(self) -> tuple[str, str, str] | None:

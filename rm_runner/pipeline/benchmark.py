@@ -109,7 +109,7 @@ def _through_api(ctx: RunContext, cfg: BenchmarkConfig, section: dict[str, Any])
 
     # A free port: nothing outside this run talks to this server.
     settings: ServerConfig = replace(OmegaConf.to_object(ctx.cfg.server), port=0)
-    server = ApiServer(ctx.engine, ctx.model.name, ctx.model.max_model_len, settings, ctx.generation)
+    server = ApiServer(ctx.engine, ctx.model.name, ctx.engine.max_model_len, settings, ctx.generation)
     section["endpoint"] = server.url
     try:
         server.run(lambda url: _measure(ctx, cfg, _http_sender(url, server.name, server.api_key or "EMPTY", ctx, cfg,

@@ -37,7 +37,7 @@ class Serve:
                      f"API key from ${settings.api_key_env}" if server.api_key else "no API key")
             print(f"serving {server.name} at {server.url}", flush=True)
 
-        server = ApiServer(ctx.engine, ctx.model.name, ctx.model.max_model_len, settings, ctx.generation,
+        server = ApiServer(ctx.engine, ctx.model.name, ctx.engine.max_model_len, settings, ctx.generation,
                            on_record=lambda record: ctx.run_dir.append_jsonl(REQUESTS, record), on_ready=ready)
         try:
             server.run()
