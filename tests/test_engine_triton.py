@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Server, ask, local_answer, rows_end_on_the_server, served_like_local
+from tests.conftest import Server, ask, local_answer, rows_end_on_the_server, served_like_local, stream_records
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None,
                                 reason="nvidia-pytriton is not installed in this Python (CI runs it in .venv-triton)")
