@@ -71,23 +71,30 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     assert f"{prompts}:2: not valid JSON" in failed(tmp_path / "run")
 
 
-def test_sigterm_mid_run_records_the_interruption(tmp_path: Path) -> None:
+def generating(run_dir: Path):
+    """``python -m rm_runner`` on a long generation into ``run_dir``, returned once it generates."""
     import os
-    import signal
     import subprocess
     import sys
     import time
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "rm_runner", "model=tiny-random", "engine.batch_size=1", "generation.ignore_eos=true",
-         "generation.max_new_tokens=1500", f"hydra.run.dir={tmp_path}"],
+         "generation.max_new_tokens=1500", f"hydra.run.dir={run_dir}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
-    log = tmp_path / "rm_runner.log"
+    log = run_dir / "rm_runner.log"
     deadline = time.monotonic() + 120
     while not (log.exists() and "generating" in log.read_text()):  # wait for generation to start
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before generating"
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_mid_run_records_the_interruption(tmp_path: Path) -> None:
+    import signal
+
+    proc = generating(tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert "interrupted (signal SIGTERM)" in failed(tmp_path)
@@ -102,13 +109,9 @@ def test_vllm_mode_without_vllm_says_how_to_install_it(tmp_path: Path) -> None:
 
 
 def test_a_run_killed_outright_reads_as_died_everywhere(tmp_path: Path, capsys) -> None:
-    """SIGKILL leaves status.json at ``running`` for ever; the readers must see that its process
-    is gone, and a resumed sweep must rerun it rather than trust it."""
-    import os
+    """SIGKILL leaves status.json at ``running`` for ever; every reader (compare, the sweep
+    summary, replay) must see that its process is gone."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     from rm_runner.compare import read_run
     from rm_runner.replay import main as replay_main
@@ -116,16 +119,7 @@ def test_a_run_killed_outright_reads_as_died_everywhere(tmp_path: Path, capsys) 
     from rm_runner.sweep.summary import job_rows
 
     run_dir = tmp_path / "0_killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rm_runner", "model=tiny-random", "engine.batch_size=1", "generation.ignore_eos=true",
-         "generation.max_new_tokens=1500", f"hydra.run.dir={run_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
-    )
-    log = run_dir / "rm_runner.log"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and "generating" in log.read_text()):  # wait for generation to start
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before generating"
-        time.sleep(0.05)
+    proc = generating(run_dir)
     written = json.loads((run_dir / "status.json").read_text())
     assert written["status"] == "running" and written["pid"] == proc.pid and written["host"]
     assert read_status(run_dir)["status"] == "running"  # alive: taken as written
