@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, job_dirs, read_status
+from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, as_read, job_dirs
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -113,12 +113,12 @@ def figures_of(metrics: dict[str, Any]) -> dict[str, Figure]:
 def read_run(path: Path, label: str) -> Run:
     """A run directory's status and figures; anything unreadable becomes the reason it is not compared."""
     try:
-        json.loads((path / STATUS).read_text(encoding="utf-8"))
+        status = json.loads((path / STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return Run(label, str(path), "unreadable", f"{STATUS}: {exc}")
-    status = read_status(path)
-    if status is None:
+    if not isinstance(status, dict):
         return Run(label, str(path), "unreadable", f"{STATUS}: not a JSON object")
+    status = as_read(status)
     state = str(status.get("status"))
     if state != "ok":
         reason = status.get("reason") or {"running": "not finished (still running)"}.get(state)

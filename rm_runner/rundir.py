@@ -123,7 +123,12 @@ def read_status(path: Path) -> dict[str, Any] | None:
     run whose process is gone is ``died``, so a resumed sweep reruns it and tools do not wait
     for it. A run recorded on another host, or before processes were recorded, stays as written."""
     status = read_json_or_none(path / STATUS)
-    if status is None or status.get("status") != "running" or not _process_gone(status):
+    return None if status is None else as_read(status)
+
+
+def as_read(status: dict[str, Any]) -> dict[str, Any]:
+    """A status record as ``read_status`` takes it, for a reader that parsed the file itself."""
+    if status.get("status") != "running" or not _process_gone(status):
         return status
     return {**status, "status": "died",
             "reason": f"its process (pid {status['pid']} on {status['host']}) ended without recording how it ended "
