@@ -53,3 +53,14 @@ class Completion:
 
     def record(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability, as vLLM's ``logprobs`` report it: the chosen (or, for a
+    prompt, the given) token's log-probability under the model's raw output (before temperature,
+    penalties or top-k/top-p), and the ``top`` most likely tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()

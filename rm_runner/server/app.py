@@ -421,7 +421,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                     record(where, 200, stream=True, **reply.figures())
                     break
                 if kind == "delta":
-                    text, ids = value
+                    text, ids, _logprobs = value
                     yield sse(reply.chunk(index, text=text, token_ids=ids))
                 else:
                     yield sse(reply.chunk(index, finish_reason=value))

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from rm_runner.requests import TokenLogprob
 from rm_runner.server.choice import Choice, Ending
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class Sampling:
         return kwargs
 
 
-# What a job tells its handler, from the model's thread: ("delta", index, (text, token_ids)) and
+# What a job tells its handler, from the model's thread: ("delta", index, (text, token_ids,
+# logprobs)) (logprobs: a TokenLogprob per token id, or None when the job asked for none) and
 # ("finish", index, reason) when streamed, then ("done", None, None), ("error", None, message)
 # when the engine failed, or ("abort", None, message) when the server's shutdown cut the job.
 Event = tuple[str, Optional[int], Any]
@@ -82,6 +84,13 @@ class Job:
     sampling: Sampling
     emit: Callable[[Event], None]
     ending: Ending = Ending()
+    # vLLM's logprobs: for each generated token its log-probability and this many alternatives
+    # (0: the chosen token's only); None: none. ``prompt_logprobs`` the same over the prompt
+    # (``echo``), in ``prompt_logprob_results`` (one list per prompt, None first: the first
+    # token has no context) before the job's first event.
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    prompt_logprob_results: list[list[Optional[TokenLogprob]]] = field(default_factory=list)
     # Streamed jobs get every delta as it is made; the others only "done" (each wake-up of the
     # event loop costs the model thread time on a small machine).
     stream: bool = True
@@ -110,6 +119,10 @@ class BatchStats:
 
 
 class DynamicBatcher:
+    # Whether jobs may ask for logprobs (``Job.logprobs``, ``Job.prompt_logprobs``): a whole-batch
+    # engine call returns tokens only.
+    supports_logprobs = False
+
     def __init__(self, engine: Any, max_batch_size: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[int], None] = lambda rows: None) -> None:
         self.engine = engine
@@ -246,7 +259,7 @@ class DynamicBatcher:
                     job.first_token_at = job.first_token_at or now
                     delta = choice.add(token)
                     if job.stream and (delta or job.stream_token_ids):
-                        job.emit(("delta", index, (delta, choice.take_ids())))
+                        job.emit(("delta", index, (delta, *choice.take_ids())))
                     if job.stream and choice.finished:
                         job.emit(("finish", index, choice.finish_reason))
                 done.append(choice.finished)
@@ -258,7 +271,7 @@ class DynamicBatcher:
             if not choice.finished:
                 delta = choice.finish("length")
                 if job.stream and delta:
-                    job.emit(("delta", index, (delta, choice.take_ids())))
+                    job.emit(("delta", index, (delta, *choice.take_ids())))
                 if job.stream:
                     job.emit(("finish", index, choice.finish_reason))
         for job in batch:

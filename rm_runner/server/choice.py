@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from rm_runner.requests import TokenLogprob
+
 
 @dataclass(frozen=True)
 class Ending:
@@ -49,6 +51,7 @@ class Choice:
         self.text = ""
         self.sent = 0  # characters of ``text`` already handed out
         self.ids_sent = 0  # entries of ``token_ids`` already handed out (``take_ids``)
+        self.logprobs: list[TokenLogprob] = []  # one per token id, when the request asked for them
         self.finish_reason: Optional[str] = None
         self._ids: list[int] = []  # the tokens that make text: token_ids less the skipped special ones
         self._prefix = self._read = 0  # the decode window: _ids[_prefix:_read] is decoded already
@@ -58,11 +61,14 @@ class Choice:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token: int) -> str:
-        """Take the next token; return the text that is now safe to send (may be empty)."""
+    def add(self, token: int, logprob: Optional[TokenLogprob] = None) -> str:
+        """Take the next token (and its logprob, when the request asked for them); return the
+        text that is now safe to send (may be empty)."""
         if self.finished:
             return ""
         self.token_ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         may_stop = len(self.token_ids) >= self.ending.min_tokens
         if token in self.stop_ids and may_stop:
             if self.ending.include_stop_str_in_output:
@@ -86,10 +92,11 @@ class Choice:
             self._flush()
         return self._release()
 
-    def take_ids(self) -> list[int]:
-        """The token ids not handed out yet (a stream that returns token ids sends each once)."""
-        ids, self.ids_sent = self.token_ids[self.ids_sent:], len(self.token_ids)
-        return ids
+    def take_ids(self) -> tuple[list[int], Optional[list[TokenLogprob]]]:
+        """The token ids not handed out yet, and their logprobs (None when none are kept): a
+        stream sends each once."""
+        start, self.ids_sent = self.ids_sent, len(self.token_ids)
+        return self.token_ids[start:], (self.logprobs[start:] if self.logprobs else None)
 
     def _decode(self, token: int) -> None:
         """Extend the text by what ``token`` adds, once it adds whole characters."""
