@@ -117,6 +117,14 @@ class PipelineConfig:
     steps: list[Any] = MISSING
 
 
+class Batching(str, Enum):
+    """How the API batches requests (``server.batching``)."""
+
+    auto = "auto"
+    continuous = "continuous"
+    dynamic = "dynamic"
+
+
 @dataclass
 class ServerConfig:
     """The OpenAI-compatible API of ``pipeline=serve``: where it listens, who may call it, its limits."""
@@ -128,10 +136,17 @@ class ServerConfig:
     # Name of the environment variable holding the API key (never the key itself). When that
     # variable is set, every route but /health needs `Authorization: Bearer <key>`.
     api_key_env: str = "RM_RUNNER_API_KEY"
-    # Dynamic batching: requests that arrive within max_wait_ms of the first waiting one run as
-    # one batch of at most max_batch_size sequences (prompts x n).
+    # continuous: requests join the running batch at the next decode step, finished ones leave
+    # at once (engines that run the model in this process: the PyTorch CPU and GPU paths);
+    # dynamic: requests that arrive within max_wait_ms of the first waiting one run as one batch
+    # until all of its rows end; auto: continuous where the engine can, else dynamic.
+    batching: Batching = Batching.auto
+    # At most this many sequences (prompts x n) run at once (vLLM's max_num_seqs).
     max_batch_size: int = 16
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 10.0  # dynamic batching only
+    # Continuous batching: prompt tokens prefilled per step at most (beyond the first request
+    # admitted), so running rows keep streaming while long prompts arrive (vLLM's name).
+    max_num_batched_tokens: int = 2048
     max_queue: int = 256  # waiting requests beyond this get 429
     max_body_bytes: int = 1_048_576  # larger request bodies get 413
     max_prompt_tokens: Optional[int] = None  # null: model.max_model_len
@@ -146,7 +161,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port must be in 0..65535, got {self.port}")
-        for key in ("max_batch_size", "max_queue", "max_body_bytes", "max_tokens"):
+        for key in ("max_batch_size", "max_queue", "max_body_bytes", "max_tokens", "max_num_batched_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"server.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -121,8 +121,8 @@ def test_concurrent_requests_are_batched_together(server: Server) -> None:
     [t.join() for t in threads]
     after = _batch_counts(server)
     assert results == [200] * 6
-    assert after[1] - before[1] == 6  # six sequences ...
-    assert after[0] - before[0] < 6   # ... in fewer batches than requests
+    steps, rows = after[0] - before[0], after[1] - before[1]
+    assert rows / steps > 1  # decode steps ran several of the six at once (one at a time: 1.0)
 
 
 def _batch_counts(server: Server) -> tuple[float, float]:
@@ -282,7 +282,8 @@ def test_port_in_use_is_a_config_error(tmp_path: Path, server: Server) -> None:
 def test_a_full_queue_answers_429(tmp_path: Path) -> None:
     import time
 
-    srv = Server(tmp_path / "run", f"model={MODEL}", "server.max_queue=1", "server.max_wait_ms=0")
+    # One sequence at a time: the second request waits (with room, it would join the running batch).
+    srv = Server(tmp_path / "run", f"model={MODEL}", "server.max_queue=1", "server.max_batch_size=1")
     client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=120)
     try:
         running = client.completions.create(model=MODEL, prompt="go on", max_tokens=1900, temperature=0, stream=True,

@@ -124,6 +124,11 @@ class Backend(ABC):
         them after every decoding step, so served tokens reach clients as they are made."""
         return False
 
+    def running_batch(self, model: Any) -> Any:
+        """A ``running_batch.RunningBatch`` over ``model`` (continuous batching), or None where the
+        device runs whole ``generate()`` batches only (compiled batch shapes, a server)."""
+        return None
+
     def max_model_len(self, model_config: Any) -> tuple[int, str]:
         """The longest prompt + output the prepared model takes, and the option that sets it:
         ``model.max_model_len``, unless the device fixed a shorter length when it compiled the

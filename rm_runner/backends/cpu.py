@@ -138,6 +138,13 @@ class CPUBackend(TransformersTorchBackend):
         cache = cpu_decode.new_cache(model, capacity)
         return {} if cache is None else {cpu_decode.cache_keyword(model): cache}
 
+    def step_cache(self, model: Any) -> Any:
+        """A cache that grows in place where the lean decode path is installed."""
+        from rm_runner.backends import cpu_decode
+
+        cache = cpu_decode.new_cache(model, 0) if cpu_decode.installed(model) else None
+        return cache if cache is not None else super().step_cache(model)
+
     @staticmethod
     def _warm_up(model: Any) -> None:
         """One tiny generate() so oneDNN builds its kernels at load, not inside the first request."""

@@ -86,6 +86,20 @@ class TransformersTorchBackend(Backend):
     def streams(self, model: Any) -> bool:
         return not isinstance(model, VLLMModel)
 
+    def running_batch(self, model: Any) -> Any:
+        """transformers' model stepped row by row (in-process vLLM schedules for itself: None)."""
+        if isinstance(model, VLLMModel):
+            return None
+        from rm_runner.backends.running_batch import RunningBatch
+
+        return RunningBatch(model, lambda: self.step_cache(model))
+
+    def step_cache(self, model: Any) -> Any:
+        """An empty KV cache for a running batch's prefill."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=model.config)
+
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         """``model.generate(**inputs, **kwargs)`` (or the forward pass, for logits) under inference mode.
 

@@ -54,6 +54,11 @@ class Engine(ABC):
         """The streaming form: generate for a batch of token-id prompts, handing each decoding
         step's new token per row to ``on_step``, which answers which rows are finished."""
 
+    def running_batch(self) -> Any:
+        """A ``RunningBatch`` of the loaded model (rows that join and leave between decode steps:
+        continuous batching), or None where this engine runs whole batches only."""
+        return None
+
     @abstractmethod
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (not all at the end)."""

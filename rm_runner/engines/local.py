@@ -135,6 +135,12 @@ class LocalEngine(Engine):
         endpoint = getattr(self.executor, "openai_endpoint", None)
         return endpoint(self.model) if endpoint is not None else None
 
+    def running_batch(self) -> Any:
+        """The backend's, where the model runs in this process and the backend can step it."""
+        if not self.health() or self.executor is not self.backend:
+            return None
+        return self.backend.running_batch(self.model)
+
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (the executor says so)."""
         streams = getattr(self.executor, "streams", None)

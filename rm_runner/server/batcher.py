@@ -251,19 +251,9 @@ class DynamicBatcher:
 
         def on_step(tokens: list[int]) -> list[bool]:
             now = time.perf_counter()
-            done = []
             for (job, index, choice), token in zip(rows, tokens):
-                if job.cancelled.is_set():
-                    choice.finish("cancelled")
-                elif not choice.finished:
-                    job.first_token_at = job.first_token_at or now
-                    delta = choice.add(token)
-                    if job.stream and (delta or job.stream_token_ids):
-                        job.emit(("delta", index, (delta, *choice.take_ids())))
-                    if job.stream and choice.finished:
-                        job.emit(("finish", index, choice.finish_reason))
-                done.append(choice.finished)
-            return done
+                deliver(job, index, choice, token, now)
+            return [choice.finished for _, _, choice in rows]
 
         kwargs = batch[0].sampling.generate_kwargs(max(j.max_tokens for j in batch), engine.tokenizer.pad_token_id)
         engine.generate_steps(ids, kwargs, on_step)
@@ -275,8 +265,27 @@ class DynamicBatcher:
                 if job.stream:
                     job.emit(("finish", index, choice.finish_reason))
         for job in batch:
-            if job.cut and any(c.finish_reason == "cancelled" for c in job.choices):
-                job.emit(("abort", None, "the server shut down before this request finished "
-                                         "(server.shutdown_timeout_s)"))
-            else:
-                job.emit(("done", None, None))
+            conclude(job)
+
+
+def deliver(job: Job, index: int, choice: Choice, token: int, now: float,
+            logprob: Optional[TokenLogprob] = None) -> None:
+    """One new token of a job's row: into its choice, and out to the handler as it streams. A
+    cancelled job's row ends here, as "cancelled"."""
+    if job.cancelled.is_set():
+        choice.finish("cancelled")
+    elif not choice.finished:
+        job.first_token_at = job.first_token_at or now
+        delta = choice.add(token, logprob)
+        if job.stream and (delta or job.stream_token_ids or logprob is not None):
+            job.emit(("delta", index, (delta, *choice.take_ids())))
+        if job.stream and choice.finished:
+            job.emit(("finish", index, choice.finish_reason))
+
+
+def conclude(job: Job) -> None:
+    """Every row of the job has ended: "done", or "abort" where the server's shutdown cut it."""
+    if job.cut and any(c.finish_reason == "cancelled" for c in job.choices):
+        job.emit(("abort", None, "the server shut down before this request finished (server.shutdown_timeout_s)"))
+    else:
+        job.emit(("done", None, None))

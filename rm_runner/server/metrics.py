@@ -33,7 +33,7 @@ class ServerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("rm_runner_time_to_first_token_seconds", "Time from arrival to the first token",
                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("rm_runner_batch_size", "Sequences per engine batch",
+        self.batch_size = Histogram("rm_runner_batch_size", "Sequences per engine batch (continuous batching: per decode step)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.running = Gauge("rm_runner_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("rm_runner_requests_waiting", "Requests waiting for a batch", registry=r)

@@ -1,0 +1,244 @@
+"""Iteration-level batching of a transformers causal LM: rows join and leave between decode steps.
+
+What vLLM and Orca schedule, over Hugging Face's own cache and attention: the running rows share
+one left-padded KV cache (``[rows, heads, length, head_dim]`` per layer) and one attention mask.
+A row that joins has its prompt prefilled apart (new rows together, left-padded among
+themselves) and its cache spliced in, the shorter side padded on the left so every row's last
+token stays in the last column; a row that leaves is cut out at once, and columns that only
+padding holds any more are dropped. Each row keeps its own position, so its tokens are what it
+would get in any other batch (the arithmetic is the same up to floating-point order) and a
+greedy row's tokens are the offline ``generate()`` batch's.
+
+Sampling is per row, in vLLM's order (penalty, temperature, min_p, top_k, top_p), each seeded row
+with a generator of its own, so a seeded request draws the same tokens alone and in any batch.
+logprobs are taken from the raw logits, as vLLM's default ``raw_logprobs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional
+
+import torch
+
+from rm_runner.requests import TokenLogprob
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How one row picks its tokens (``temperature`` None: greedy)."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    # Tokens kept out until ``min_tokens`` tokens are made (EOS and stop ids, as vLLM's min_tokens).
+    min_tokens: int = 0
+    banned_early: tuple[int, ...] = ()
+    logprobs: Optional[int] = None  # alternatives per generated token; None: no logprobs
+    prompt_logprobs: Optional[int] = None  # the same over the prompt
+
+
+@dataclass
+class NewRow:
+    key: Hashable  # the caller's handle for the row
+    prompt: list[int]
+    sampling: RowSampling
+
+
+@dataclass
+class Token:
+    """What one step made for one row."""
+
+    key: Hashable
+    token_id: int
+    logprob: Optional[TokenLogprob] = None
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # on a row's first token, if asked
+
+
+@dataclass
+class _Row:
+    key: Hashable
+    sampling: RowSampling
+    history: list[int]  # prompt and generated tokens (the repetition penalty looks at both)
+    made: int = 0
+    generator: Optional[torch.Generator] = None
+    position: int = 0  # of the next token
+
+
+class RunningBatch:
+    """The rows being generated and their shared cache. Driven from one thread."""
+
+    def __init__(self, model: Any, new_cache: Callable[[], Any]) -> None:
+        from rm_runner.backends.cpu_decode import cache_keyword
+
+        self.model = model
+        self.new_cache = new_cache
+        self.cache_keyword = cache_keyword(model)
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: Optional[torch.Tensor] = None  # [rows, columns]: 1 where a row has a token
+        self.last: Optional[torch.Tensor] = None  # [rows]: the token each row feeds next
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def columns(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def prefill(self, new: list[NewRow]) -> list[Token]:
+        """Run the prompts of ``new`` and make their first tokens; the rows join the batch."""
+        device = self.model.device
+        width = max(len(r.prompt) for r in new)
+        ids = torch.zeros((len(new), width), dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, row in enumerate(new):
+            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        wants_prompt = any(r.sampling.prompt_logprobs is not None for r in new)
+        cache = self.new_cache()
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=True,
+                             logits_to_keep=0 if wants_prompt else 1, **{self.cache_keyword: cache})
+        logits = out.logits.float()
+        rows = [_Row(r.key, r.sampling, list(r.prompt), generator=_generator(r.sampling.seed, device),
+                     position=len(r.prompt)) for r in new]
+        tokens = self._sample(logits[:, -1], rows)
+        for i, (row, token) in enumerate(zip(new, tokens)):
+            k = row.sampling.prompt_logprobs
+            if k is not None:
+                token.prompt_logprobs = _prompt_logprobs(logits[i, width - len(row.prompt):], row.prompt, k)
+        self._join(rows, cache, mask.to(device), torch.tensor([t.token_id for t in tokens], device=device))
+        return tokens
+
+    def step(self) -> list[Token]:
+        """One decode step for every row: each feeds its last token and gets the next."""
+        if not self.rows:
+            return []
+        device = self.model.device
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=device)
+        with torch.inference_mode():
+            out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
+        tokens = self._sample(out.logits[:, -1].float(), self.rows)
+        for row, token in zip(self.rows, tokens):
+            row.history.append(token.token_id)
+            row.made += 1
+            row.position += 1
+        self.last = torch.tensor([t.token_id for t in tokens], device=device)
+        return tokens
+
+    def release(self, keys: set[Hashable]) -> None:
+        """Cut these rows out of the batch (finished, cancelled), freeing their cache."""
+        keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.last = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.last = self.mask[index], self.last[index]
+        first = int(self.mask.any(dim=0).long().argmax())  # columns before it hold only padding now
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            keys, values = layer.keys[index, :, first:], layer.values[index, :, first:]
+            _hold(layer, keys, values)
+
+    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, last: torch.Tensor) -> None:
+        for row, token in zip(rows, last.tolist()):
+            row.history.append(token)
+            row.made = 1
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last = rows, cache, mask, last
+            return
+        width = max(self.columns, mask.shape[1])
+        old_pad, new_pad = width - self.columns, width - mask.shape[1]
+        self.mask = torch.cat([_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
+        for layer, joining in zip(self.cache.layers, cache.layers):
+            keys = torch.cat([_pad_left(layer.keys, old_pad, dim=2), _pad_left(joining.keys, new_pad, dim=2)])
+            values = torch.cat([_pad_left(layer.values, old_pad, dim=2), _pad_left(joining.values, new_pad, dim=2)])
+            _hold(layer, keys, values)
+        self.rows = self.rows + rows
+        self.last = torch.cat([self.last, last])
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[Token]:
+        """The next token of each row from its logits row ([rows, vocab], float32)."""
+        chosen = logits.argmax(dim=-1).tolist()
+        logprobs = torch.log_softmax(logits, dim=-1) if any(r.sampling.logprobs is not None for r in rows) else None
+        tokens = []
+        for i, row in enumerate(rows):
+            s = row.sampling
+            if s.repetition_penalty is not None or s.temperature is not None or row.made < s.min_tokens:
+                chosen[i] = _pick(logits[i], row)
+            token = Token(row.key, chosen[i])
+            if s.logprobs is not None:
+                token.logprob = _token_logprob(logprobs[i], chosen[i], s.logprobs)
+            tokens.append(token)
+        return tokens
+
+
+def _pick(logits: torch.Tensor, row: _Row) -> int:
+    s = row.sampling
+    scores = logits.clone()
+    if s.repetition_penalty is not None:
+        seen = torch.tensor(sorted(set(row.history)), device=scores.device)
+        picked = scores[seen]
+        scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    if row.made < s.min_tokens and s.banned_early:
+        scores[list(s.banned_early)] = float("-inf")
+    if s.temperature is None:
+        return int(scores.argmax())
+    scores = scores / s.temperature
+    probs = torch.softmax(scores, dim=-1)
+    if s.min_p is not None:
+        probs = torch.where(probs < s.min_p * probs.max(), 0.0, probs)
+    if s.top_k is not None and s.top_k < probs.numel():
+        threshold = torch.topk(probs, s.top_k).values[-1]
+        probs = torch.where(probs < threshold, 0.0, probs)
+    if s.top_p is not None and s.top_p < 1:
+        ordered, order = probs.sort(descending=True)
+        cumulative = ordered.cumsum(0) / ordered.sum()
+        drop = cumulative - ordered / ordered.sum() >= s.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    top = ()
+    if k:
+        values, ids = torch.topk(logprobs, k)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[int], k: int) -> list[Optional[TokenLogprob]]:
+    """Each prompt token's logprob given the tokens before it (None for the first)."""
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return [None] + [_token_logprob(logprobs[i], prompt[i + 1], k) for i in range(len(prompt) - 1)]
+
+
+def _generator(seed: Optional[int], device: Any) -> Optional[torch.Generator]:
+    """A seeded row's own generator (an unseeded row draws from torch's global one)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _hold(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer new contents (a layer that preallocates copies them into room to grow)."""
+    layer.keys, layer.values = keys, values
