@@ -54,7 +54,7 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
     source.check()
     requests = load_requests(OmegaConf.to_object(cfg.workload))
     ctx = RunContext(
-        cfg=cfg, run_dir=run_dir, engine=engine, model=model, model_source=source,
+        cfg=cfg, run_dir=run_dir, engine=engine, device=backend, model=model, model_source=source,
         requests=requests, generation=OmegaConf.to_object(cfg.generation),
     )
     ctx.metrics["engine"] = engine.describe()

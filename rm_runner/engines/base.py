@@ -24,7 +24,16 @@ class Executor(Protocol):
 
 
 class Engine(ABC):
+    """What the pipeline steps, the API and the benchmarks use of an engine; once ``load_model``
+    has run, ``tokenizer`` (the model's, for rendering prompts and decoding), ``eos_ids`` (the
+    tokens that end a sequence) and ``max_model_len`` (prompt plus output, in tokens; what sets it
+    in ``max_model_len_option``, for errors) are set."""
+
     name: ClassVar[str]
+    tokenizer: Any = None
+    eos_ids: set[int] = frozenset()  # type: ignore[assignment]
+    max_model_len: int = 0
+    max_model_len_option: str = "model.max_model_len"
     # Where a server's own logs go: the run directory (set by the runner before start()).
     log_dir: Path | None = None
     # The distributions this engine's environment needs; the doctor shows their versions there.

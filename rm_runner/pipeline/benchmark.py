@@ -64,11 +64,11 @@ class Benchmark:
         else:
             _through_api(ctx, cfg, section)
         section["memory"] = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-                             "device": ctx.engine.backend.device_memory()}
+                             "device": ctx.device.device_memory()}
         if section.get("by_rate"):  # latency against throughput, drawn beside the figures
             from rm_runner.sweep.summary import benchmark_rows, draw
 
-            label = f"{ctx.engine.backend.name}/{target}"
+            label = f"{ctx.device.name}/{target}"
             draw(benchmark_rows(section, {"job": label, "label": label, "status": "ok"}), ctx.run_dir.path)
         if self.print_table:
             print(table(section), flush=True)

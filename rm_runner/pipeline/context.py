@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from rm_runner.backends.base import Backend
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import Engine
 from rm_runner.requests import Request
@@ -18,6 +19,7 @@ class RunContext:
     cfg: DictConfig
     run_dir: RunDir
     engine: Engine
+    device: Backend  # the device the engine serves (its memory, its name; parity switches to it)
     model: ModelConfig
     model_source: Any
     requests: list[Request]

@@ -54,7 +54,7 @@ class Parity:
         }
         if ctx.generation.ignore_eos:
             kwargs["eos_token_id"] = None
-        target = ctx.engine.backend
+        target = ctx.device
         try:
             reference = rm_runner.activate(parity.reference_device).backend
             log.info("parity: reference %s (%s), %d prompts", reference.name, parity.reference_dtype.value,
