@@ -69,6 +69,25 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :total], self._value_buffer[:, :, :total]
         return self.keys, self.values
 
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+        """New contents in one copy (a running batch's rows joined or cut): the parts' rows stacked,
+        each part right-aligned in ``width`` columns after zeros (padding the mask hides: zeros,
+        since a masked position's weight is 0 and 0 times garbage may be NaN), in fresh buffers
+        with room to grow."""
+        rows = sum(part.shape[0] for part in keys)
+        size = max(self.capacity, 2 * width)
+        for parts, name in ((keys, "_key_buffer"), (values, "_value_buffer")):
+            like = parts[0]
+            buffer = like.new_empty((rows, like.shape[1], size, like.shape[-1]))
+            start = 0
+            for part in parts:
+                end, pad = start + part.shape[0], width - part.shape[-2]
+                buffer[start:end, :, :pad].zero_()
+                buffer[start:end, :, pad:width].copy_(part)
+                start = end
+            setattr(self, name, buffer)
+        self.keys, self.values = self._key_buffer[:, :, :width], self._value_buffer[:, :, :width]
+
 
 def new_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
     """A cache for one ``generate()`` of up to ``capacity`` tokens per row; None if the model's

@@ -148,8 +148,7 @@ class RunningBatch:
         first = int(self.mask.any(dim=0).long().argmax())  # columns before it hold only padding now
         self.mask = self.mask[:, first:]
         for layer in self.cache.layers:
-            keys, values = layer.keys[index, :, first:], layer.values[index, :, first:]
-            _hold(layer, keys, values)
+            _hold(layer, [layer.keys[index, :, first:]], [layer.values[index, :, first:]], self.mask.shape[1])
 
     def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, last: torch.Tensor) -> None:
         for row, token in zip(rows, last.tolist()):
@@ -162,9 +161,7 @@ class RunningBatch:
         old_pad, new_pad = width - self.columns, width - mask.shape[1]
         self.mask = torch.cat([_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
         for layer, joining in zip(self.cache.layers, cache.layers):
-            keys = torch.cat([_pad_left(layer.keys, old_pad, dim=2), _pad_left(joining.keys, new_pad, dim=2)])
-            values = torch.cat([_pad_left(layer.values, old_pad, dim=2), _pad_left(joining.values, new_pad, dim=2)])
-            _hold(layer, keys, values)
+            _hold(layer, [layer.keys, joining.keys], [layer.values, joining.values], width)
         self.rows = self.rows + rows
         self.last = torch.cat([self.last, last])
 
@@ -239,6 +236,13 @@ def _pad_left(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _hold(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Give a cache layer new contents (a layer that preallocates copies them into room to grow)."""
-    layer.keys, layer.values = keys, values
+def _hold(layer: Any, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
+    """Give a cache layer new contents: the parts' rows stacked, each padded on the left to
+    ``width`` columns (a layer that preallocates, ``cpu_decode.PreallocatedLayer``, copies them
+    once, into room to grow)."""
+    fill = getattr(layer, "fill", None)
+    if fill is not None:
+        fill(keys, values, width)
+        return
+    layer.keys = torch.cat([_pad_left(k, width - k.shape[-2], dim=2) for k in keys])
+    layer.values = torch.cat([_pad_left(v, width - v.shape[-2], dim=2) for v in values])
