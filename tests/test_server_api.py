@@ -123,6 +123,9 @@ def test_concurrent_requests_are_batched_together(server: Server) -> None:
     assert results == [200] * 6
     steps, rows = after[0] - before[0], after[1] - before[1]
     assert rows / steps > 1  # decode steps ran several of the six at once (one at a time: 1.0)
+    timed = [line for line in raw(server, "/metrics", method="GET").text.splitlines()
+             if line.startswith("rm_runner_decode_step_seconds_count")]
+    assert float(timed[0].split()[1]) >= steps  # every step timed
 
 
 def _batch_counts(server: Server) -> tuple[float, float]:
@@ -150,7 +153,7 @@ def test_client_errors_map_to_openai_exceptions(server: Server, client: openai.O
     ("oversize body", 413, None),
     ("max_tokens over the limit", 400, "max_tokens"),
     ("prompt too long", 400, "prompt"),
-    ("unsupported field", 400, "logprobs"),
+    ("unsupported field", 400, "best_of"),
     ("empty messages", 400, "messages"),
     ("empty prompt", 400, "prompt"),
     ("token id out of vocabulary", 400, "prompt"),
@@ -176,7 +179,7 @@ def test_bad_requests_get_openai_errors(server: Server, case: str, status: int, 
     elif case == "prompt too long":
         body = {**ok, "prompt": "word " * 1000, "max_tokens": 1}
     elif case == "unsupported field":
-        body = {**ok, "logprobs": 3}
+        body = {**ok, "best_of": 3}
     elif case == "empty messages":
         path, body = "/v1/chat/completions", {"model": MODEL, "messages": []}
     elif case == "empty prompt":
@@ -347,7 +350,6 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
     ("function_call", "auto", "none"),
     ("tool_choice", "auto", "none"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], []),
-    ("top_logprobs", 2, 0),
     ("modalities", ["text", "audio"], ["text"]),
     ("audio", {"voice": "alloy", "format": "wav"}, None),
     ("prediction", {"type": "content", "content": "x"}, None),

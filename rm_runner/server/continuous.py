@@ -31,9 +31,11 @@ class ContinuousBatcher(DynamicBatcher):
     supports_logprobs = True
 
     def __init__(self, engine: Any, max_batch_size: int, max_queue: int, max_num_batched_tokens: int,
-                 on_batch: Callable[[int], None] = lambda rows: None) -> None:
+                 on_batch: Callable[[int], None] = lambda rows: None,
+                 on_step: Callable[[float], None] = lambda seconds: None) -> None:
         super().__init__(engine, max_batch_size, 0.0, max_queue, on_batch)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.on_step = on_step  # each decode step's time, in seconds (its rows go to on_batch)
         self._rows: dict[Hashable, tuple[Job, int, Choice]] = {}  # running rows by key
         self._left: dict[int, int] = {}  # id(job): its rows still running
 
@@ -52,7 +54,10 @@ class ContinuousBatcher(DynamicBatcher):
                     if len(batch):
                         self.on_batch(len(batch))
                         self.stats.rows += len(batch)
-                        self._deliver(batch.step(), batch)
+                        began = time.perf_counter()
+                        tokens = batch.step()
+                        self.on_step(time.perf_counter() - began)
+                        self._deliver(tokens, batch)
                 except Exception as exc:  # a failed step fails the requests it ran, not the server
                     log.exception("a step of %d sequences failed", len(batch))
                     self._fail(f"{type(exc).__name__}: {exc}")
@@ -157,7 +162,8 @@ def row_sampling(job: Job, index: int, eos_ids: set[int]) -> RowSampling:
     )
 
 
-def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], None]) -> DynamicBatcher:
+def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], None],
+                on_step: Callable[[float], None]) -> DynamicBatcher:
     """The batcher ``server.batching`` asks for; continuous where the engine can step rows (auto)."""
     steps = engine.running_batch() is not None
     if settings.batching == Batching.continuous and not steps:
@@ -168,4 +174,4 @@ def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], N
         return DynamicBatcher(engine, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
                               on_batch=on_batch)
     return ContinuousBatcher(engine, settings.max_batch_size, settings.max_queue, settings.max_num_batched_tokens,
-                             on_batch=on_batch)
+                             on_batch=on_batch, on_step=on_step)

@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rm_runner.benchmark.metrics import stats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
 class ServerMetrics:
@@ -35,6 +36,9 @@ class ServerMetrics:
                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("rm_runner_batch_size", "Sequences per engine batch (continuous batching: per decode step)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.step_seconds = Histogram("rm_runner_decode_step_seconds",
+                                      "Time of one decode step of the running batch (continuous batching)",
+                                      buckets=STEP_BUCKETS, registry=r)
         self.running = Gauge("rm_runner_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("rm_runner_requests_waiting", "Requests waiting for a batch", registry=r)
         self.started = time.time()
