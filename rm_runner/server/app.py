@@ -1,5 +1,7 @@
 """The OpenAI-compatible app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (both
-with ``stream: true`` as server-sent events ending in ``data: [DONE]``), ``/health``, ``/metrics``.
+with ``stream: true`` as server-sent events ending in ``data: [DONE]``, both with vLLM's logprobs
+where the batcher keeps them), vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info``
+(unless ``server.openai_extensions=false``), ``/health``, ``/metrics``.
 
 Whatever engine the run started sits behind it: handlers render prompts to token ids, check
 them against the limits, and hand them to the dynamic batcher, which owns the engine. Every
@@ -26,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -33,12 +36,16 @@ from rm_runner.config import GenerationConfig, ServerConfig
 from rm_runner.engines.local import render
 from rm_runner.errors import ConfigError
 from rm_runner.requests import Request as PromptRequest
-from rm_runner.server.batcher import DynamicBatcher, Job, QueueFull, Sampling, ShuttingDown
+from rm_runner.requests import TokenLogprob
+from rm_runner.server.batcher import Job, QueueFull, Sampling, ShuttingDown
+from rm_runner.server.continuous import batcher_for
 from rm_runner.server.choice import Ending
 from rm_runner.server.metrics import ServerMetrics
 from rm_runner.server.schemas import (
     EXTENSIONS, SAMPLING_EPS, SEED_MAX, SEED_MIN, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-    CompletionResponse, ErrorResponse, Health, ModelCard, ModelList, SamplingRequest, error_body, new_id, now, usage,
+    CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
+    SamplingRequest, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse,
+    TokenizerInfoResponse, conversation, error_body, new_id, now, usage,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 # or depend on the tokenizer, which a JSON schema cannot state (tests/test_server_schema.py holds
 # the server to this list).
 CROSS_FIELD_CODES = ("context_length_exceeded", "too_many_sequences", "min_tokens_over_max_tokens",
-                     "stream_options_without_stream")
+                     "stream_options_without_stream", "top_logprobs_without_logprobs", "max_tokens_zero_without_echo")
 
 # What each error status means here, for the OpenAPI spec.
 STATUS_TEXT = {
@@ -94,8 +101,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                on_ready: Callable[[], None] = lambda: None) -> FastAPI:
     settings = served.settings
     metrics = ServerMetrics()
-    batcher = DynamicBatcher(served.engine, settings.max_batch_size, settings.max_wait_ms / 1000,
-                             settings.max_queue, on_batch=metrics.batch_size.observe)
+    batcher = batcher_for(served.engine, settings, on_batch=metrics.batch_size.observe,
+                          on_step=metrics.step_seconds.observe)
     metrics.waiting.set_function(batcher.waiting)
     metrics.running.set_function(batcher.running)
     # The handlers tokenize on the event loop while the batcher decodes on its thread: each gets
@@ -103,6 +110,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     tokenizer = copy.deepcopy(served.engine.tokenizer)
     vocab = len(tokenizer)
     prompt_limit = min(settings.max_prompt_tokens or served.max_model_len, served.max_model_len - 1)
+    token_text = TokenText(tokenizer)
+    engine_name = getattr(served.engine, "name", type(served.engine).__name__)
     start_token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None)
     extensions = settings.openai_extensions
 
@@ -157,12 +166,14 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             return APIError(400, "the request body must be a JSON object with the request's fields "
                                  "(model, prompt or messages, ...)", code="invalid_body")
         body = exc.body if isinstance(exc.body, dict) else {}
-        known = ROUTE_MODELS[route].model_fields if route in ROUTE_MODELS else {}
-        name = next((k for k in body if k not in known or not allowed(k)), None)
+        if route == "/tokenize" and "prompt" in body and "messages" in body:
+            return APIError(400, "give /tokenize a prompt or messages, not both", param="prompt")
+        known = body_model(route, body)
+        name = next((k for k in body if known and (k not in known.model_fields or not allowed(k))), None)
         if name is None:
             name = next((path_of(p) for p in problems if p.get("type") == "extra_forbidden"), None)
         if name is not None:
-            return unrecognized(name)
+            return unrecognized(name, route)
         problem = next((p for p in problems if not wrong_shape(p)), first)  # a union: the branch that fit
         where = path_of(problem)
         got = "" if problem.get("type") == "missing" else f" (got {reprlib.repr(problem.get('input'))})"
@@ -172,9 +183,12 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     def allowed(field: str) -> bool:
         return extensions or field not in EXTENSIONS
 
-    def unrecognized(name: str) -> APIError:
+    def unrecognized(name: str, route: str = "") -> APIError:
         message = f"Unrecognized request argument supplied: {name}"  # OpenAI's own words
-        if extensions:
+        if route in TOKENIZER_ROUTES:
+            fields = sorted(set().union(*(m.model_fields for m in TOKENIZER_ROUTES[route])))
+            message += f" ({route} takes {', '.join(fields)})"
+        elif extensions:
             message += f" (this server takes OpenAI's fields and vLLM's {', '.join(EXTENSIONS)})"
         return APIError(400, message, param=name)
 
@@ -247,6 +261,63 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{served.name}`.",
                            param="model", code="model_not_found")
 
+    def check_tokenizer_request(body: BaseModel) -> None:
+        model_name = getattr(body, "model", None)
+        if model_name is not None:
+            check_model(model_name)
+        unsupported = getattr(body, "unsupported", lambda: None)()
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported} is not supported by this server; leave it at its default",
+                           param=unsupported)
+
+    def tokenizer_routes() -> None:
+        """vLLM's tokenizer routes: what the served model's tokenizer makes of a prompt or a
+        conversation, the text of token ids, and the tokenizer's configuration."""
+
+        @app.post("/tokenize", dependencies=guarded,
+                  responses={200: {"model": TokenizeResponse}, **errors(400, 401, 404, 413, 422)})
+        async def tokenize(body: TokenizeRequest) -> Response:
+            check_tokenizer_request(body)
+            if isinstance(body, TokenizeChatRequest):
+                text = chat_text(body.messages, body.add_generation_prompt)
+            else:
+                text = body.prompt
+            ids = tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
+            strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+            return JSONResponse({"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids,
+                                 "token_strs": strs})
+
+        @app.post("/detokenize", dependencies=guarded,
+                  responses={200: {"model": DetokenizeResponse}, **errors(400, 401, 404, 413, 422)})
+        async def detokenize(body: DetokenizeRequest) -> Response:
+            check_tokenizer_request(body)
+            outside = next((t for t in body.tokens if not 0 <= t < vocab), None)
+            if outside is not None:
+                raise APIError(400, f"token id {outside} is out of vocabulary (0..{vocab - 1})", param="tokens")
+            return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
+
+        info = tokenizer_info(tokenizer)
+
+        @app.get("/tokenizer_info", dependencies=guarded,
+                 responses={200: {"model": TokenizerInfoResponse}, **errors(401)})
+        async def get_tokenizer_info() -> Response:
+            return JSONResponse(info)
+
+    def chat_text(messages: list[Any], add_generation_prompt: bool = True) -> str:
+        """A conversation through the model's chat template, as text (400 where it has none or
+        its template refuses the messages)."""
+        if not tokenizer.chat_template:
+            raise APIError(400, f"the model `{served.name}` has no chat template; use /v1/completions",
+                           param="messages")
+        try:
+            return tokenizer.apply_chat_template(conversation(messages), add_generation_prompt=add_generation_prompt,
+                                                 tokenize=False)
+        except jinja2.TemplateError as exc:
+            raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
+
+    if extensions:
+        tokenizer_routes()
+
     @app.post("/v1/completions", dependencies=guarded, responses=streamed(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_request(body)
@@ -268,7 +339,9 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                 raise APIError(400, f"prompt {i}: token id {outside} is out of vocabulary (0..{vocab - 1})",
                                param="prompt")
             ids.append(row)
-        return await respond(body, request, ids, chat=False)
+        # echo: each prompt's text as given (token ids: their text), as vLLM echoes it
+        echoed = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompt] if body.echo else None
+        return await respond(body, request, ids, chat=False, echoed=echoed)
 
     @app.post("/v1/chat/completions", dependencies=guarded, responses=streamed(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -302,6 +375,25 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                            code="stream_options_without_stream")
+        check_logprobs(body)
+
+    def check_logprobs(body: SamplingRequest) -> None:
+        """vLLM's rules for logprobs, echo and max_tokens=0, and logprobs only where the batcher
+        keeps them (one that runs whole batches through the engine gets tokens only)."""
+        if isinstance(body, ChatCompletionRequest):
+            if body.top_logprobs and not body.logprobs:
+                raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs",
+                               code="top_logprobs_without_logprobs")
+            asked = bool(body.logprobs)
+        else:
+            assert isinstance(body, CompletionRequest)
+            if body.max_tokens == 0 and not body.echo:
+                raise APIError(400, "max_tokens=0 is only allowed with echo=true (the prompt alone, no completion); "
+                                    "ask for at least 1 token", param="max_tokens", code="max_tokens_zero_without_echo")
+            asked = body.logprobs is not None
+        if asked and not batcher.supports_logprobs:
+            raise APIError(400, f"logprobs are not served here: {LOGPROBS_UNSUPPORTED.format(engine=engine_name)}",
+                           param="logprobs", code="logprobs_not_supported")
 
     def make_job(body: SamplingRequest, ids: list[list[int]], emit: Callable[[Any], None]) -> Job:
         longest = max(len(p) for p in ids)
@@ -330,8 +422,11 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                         ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
                         include_stop_str_in_output=body.include_stop_str_in_output,
                         skip_special_tokens=body.skip_special_tokens)
-        return Job(prompts=ids, n=body.n, max_tokens=max_tokens, sampling=sampling(body), ending=ending,
-                   emit=emit, stream=bool(body.stream), stream_token_ids=body.return_token_ids)
+        logprobs, prompt_logprobs = wanted_logprobs(body)
+        # max_tokens=0 (echo): one token is made and left out of the answer, as vLLM does
+        return Job(prompts=ids, n=body.n, max_tokens=max(max_tokens, 1), sampling=sampling(body), ending=ending,
+                   emit=emit, stream=bool(body.stream), stream_token_ids=body.return_token_ids,
+                   logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def sampling(body: SamplingRequest) -> Sampling:
         """The generate() settings; no-op values left out (None), so that more requests share a batch."""
@@ -347,7 +442,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                         body.top_p if body.top_p is not None else defaults.top_p, top_k, body.seed, body.ignore_eos,
                         repetition_penalty=penalty, min_p=body.min_p or None, min_tokens=body.min_tokens)
 
-    async def respond(body: SamplingRequest, request: Request, ids: list[list[int]], chat: bool) -> Response:
+    async def respond(body: SamplingRequest, request: Request, ids: list[list[int]], chat: bool,
+                      echoed: Optional[list[str]] = None) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
         job = make_job(body, ids, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -357,7 +453,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             raise APIError(429, f"the server is busy: {exc}; retry later", code="queue_full") from None
         except ShuttingDown as exc:
             raise APIError(503, str(exc), code="shutting_down") from None
-        reply = Reply(served.name, chat, job, body.return_token_ids)
+        reply = Reply(served.name, chat, job, body.return_token_ids, token_text=token_text, logprobs=job.logprobs,
+                      echoed=echoed, echo_only=echoed is not None and body.max_tokens == 0)
         where = place(request.scope)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -376,8 +473,12 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             if kind == "abort":
                 raise APIError(503, value, code="shutting_down")
             if kind == "done":
+                try:
+                    answer = reply.whole()
+                except LogprobsMissing as exc:
+                    raise APIError(500, f"generation failed: {exc}", code="engine_error") from None
                 record(where, 200, **reply.figures(), **text_fields(reply, body))
-                return JSONResponse(reply.whole())
+                return JSONResponse(answer)
 
     background: set[asyncio.Task[None]] = set()
 
@@ -421,8 +522,14 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                     record(where, 200, stream=True, **reply.figures())
                     break
                 if kind == "delta":
-                    text, ids, _logprobs = value
-                    yield sse(reply.chunk(index, text=text, token_ids=ids))
+                    text, ids, logprobs = value
+                    try:
+                        yield sse(reply.chunk(index, text=text, token_ids=ids, logprobs=logprobs))
+                    except LogprobsMissing as exc:
+                        yield sse(error_body(f"generation failed: {exc}", "internal_server_error", code="engine_error"))
+                        record(where, 500, error_type="engine_error", error=str(exc), **reply.figures())
+                        reply.job.cancel()
+                        break
                 else:
                     yield sse(reply.chunk(index, finish_reason=value))
             finished = True
@@ -434,7 +541,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     def served_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            describe(schema, served, vocab, prompt_limit)
+            describe(schema, served, vocab, prompt_limit, batcher.supports_logprobs, engine_name)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -444,6 +551,64 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
 
 ROUTE_MODELS: dict[str, type[SamplingRequest]] = {"/v1/completions": CompletionRequest,
                                                   "/v1/chat/completions": ChatCompletionRequest}
+# vLLM's tokenizer routes and their bodies (/tokenize takes either form, by whether it has messages).
+TOKENIZER_ROUTES: dict[str, tuple[type[BaseModel], ...]] = {
+    "/tokenize": (TokenizeCompletionRequest, TokenizeChatRequest), "/detokenize": (DetokenizeRequest,)}
+
+
+def body_model(route: str, body: dict[str, Any]) -> Optional[type[BaseModel]]:
+    """The request model a route's body is checked against (None: a route without a body)."""
+    if route == "/tokenize":
+        return TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    if route in TOKENIZER_ROUTES:
+        return TOKENIZER_ROUTES[route][0]
+    return ROUTE_MODELS.get(route)
+
+
+# Why a batcher without logprobs refuses them (``{engine}``: the engine's name).
+LOGPROBS_UNSUPPORTED = ("this server's batcher runs whole batches through engine={engine}, which hand back tokens "
+                        "only; logprobs need continuous batching (server.batching=auto or continuous), where the "
+                        "model is stepped in this process (engine=local on device=cpu or gpu, pytorch mode)")
+
+
+def wanted_logprobs(body: SamplingRequest) -> tuple[Optional[int], Optional[int]]:
+    """(alternatives per generated token, per prompt token) a request asks for, None for none:
+    completions' ``logprobs`` (over the prompt too with ``echo``), chat's ``top_logprobs`` once
+    ``logprobs`` is true (0 when it is left out)."""
+    if isinstance(body, ChatCompletionRequest):
+        return ((body.top_logprobs or 0) if body.logprobs else None), None
+    if isinstance(body, CompletionRequest) and body.logprobs is not None:
+        return body.logprobs, (body.logprobs if body.echo else None)
+    return None, None
+
+
+def tokenizer_info(tokenizer: Any) -> dict[str, Any]:
+    """vLLM's ``/tokenizer_info``: the tokenizer's settings (``init_kwargs``, what its
+    ``tokenizer_config.json`` says) without the vocabulary files' paths, special tokens as their
+    text, its class and chat template; the special tokens it has beside them filled in."""
+    config = {k: jsonable(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items()
+              if k not in ("vocab_file", "merges_file")}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if config.get(name) is None and getattr(tokenizer, name, None) is not None:
+            config[name] = str(getattr(tokenizer, name))
+    config["tokenizer_class"] = type(tokenizer).__name__
+    if getattr(tokenizer, "chat_template", None):
+        config["chat_template"] = tokenizer.chat_template
+    return config
+
+
+def jsonable(value: Any) -> Any:
+    """A tokenizer setting as JSON: an ``AddedToken`` as its text, containers item by item,
+    anything else that JSON has no type for as its ``str``."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def wrong_shape(problem: dict[str, Any]) -> bool:
@@ -461,12 +626,25 @@ def path_of(problem: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: int) -> None:
+def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: int, logprobs: bool = True,
+             engine: str = "") -> None:
     """Make the generated spec say what only the running server knows: the one model it serves,
     its limits (server.max_tokens, max_batch_size, the vocabulary, the prompt length in tokens),
-    whether a key is needed, and (server.openai_extensions=false) no vLLM fields."""
+    whether a key is needed, whether it serves logprobs, and (server.openai_extensions=false) no
+    vLLM fields."""
     settings = served.settings
     components = schema["components"]["schemas"]
+    if not logprobs:  # only the values that ask for none
+        why = f"Not served here: {LOGPROBS_UNSUPPORTED.format(engine=engine)}."
+        components["CompletionRequest"]["properties"]["logprobs"] = {"type": "null", "title": "Logprobs",
+                                                                     "description": why}
+        components["ChatCompletionRequest"]["properties"]["logprobs"] = {"enum": [False, None], "title": "Logprobs",
+                                                                         "default": False, "description": why}
+    for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):
+        if name in components:
+            bound(components[name]["properties"]["model"], enum=[served.name])
+    if "DetokenizeRequest" in components:
+        components["DetokenizeRequest"]["properties"]["tokens"]["items"].update(minimum=0, maximum=vocab - 1)
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = components[name]["properties"]
         props["model"]["enum"] = [served.name]
@@ -505,7 +683,7 @@ def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: i
                     operation["security"] = [{"bearer": []}]
 
 
-def bound(prop: dict[str, Any], **limits: int) -> None:
+def bound(prop: dict[str, Any], **limits: Any) -> None:
     """Add limits to a property's schema (to its non-null branch, for an optional one)."""
     for branch in prop.get("anyOf", [prop]):
         if branch.get("type") != "null":
@@ -516,18 +694,138 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+class LogprobsMissing(Exception):
+    """The engine side did not hand back the logprobs a job asked for."""
+
+
+class TokenText:
+    """Each token id's text on its own, as vLLM's logprobs show it: ``decode([id])`` with the
+    special tokens kept, and where the tokenizer is SentencePiece-like (a Metaspace pre-tokenizer,
+    whose decode drops a word's leading ``▁``) that leading space put back."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.marker = metaspace_marker(tokenizer)
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) or ""
+            if self.marker is not None:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+                missing = (len(piece) - len(piece.lstrip(self.marker))) - (len(text) - len(text.lstrip(" ")))
+                text = " " * missing + text if missing > 0 else text
+            self._texts[token_id] = text
+        return text
+
+    def plain(self, token_id: int) -> str:
+        """A prompt's first token, which vLLM decodes plainly (no space put back)."""
+        return self.tokenizer.decode([token_id]) or ""
+
+
+def metaspace_marker(tokenizer: Any) -> Optional[str]:
+    """The character a SentencePiece-style (Metaspace) pre-tokenizer writes for a space, or None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    except (ValueError, AttributeError):
+        return None
+    for part in [pre, *pre.get("pretokenizers", [])]:
+        if part.get("type") == "Metaspace":
+            return part.get("replacement", "\u2581")
+    return None
+
+
+def _logprob(value: float) -> float:
+    return max(value, -9999.0)  # -inf as the JSON number OpenAI and vLLM give
+
+
+def _ranked(entry: TokenLogprob) -> dict[int, float]:
+    """vLLM's per-position dict: the chosen (or given) token first, then the top ones best first
+    (a token among them once, where it first appears)."""
+    ranked = {entry.token_id: entry.logprob}
+    for token_id, logprob in entry.top:
+        ranked.setdefault(token_id, logprob)
+    return ranked
+
+
+def completion_logprobs(token_ids: list[int], entries: list[Optional[TokenLogprob]], top: int,
+                        text_of: TokenText, offset: int = 0) -> dict[str, Any]:
+    """Completions' logprobs over ``token_ids``, as vLLM writes them: each token's text, its
+    logprob (None where ``entries`` has None: a prompt's first token), a dict of the chosen token
+    and the ``top`` best by text (at most ``top`` + 1: the chosen one may be among them), and each
+    token's ``text_offset`` (``offset`` plus the lengths of the token texts before it)."""
+    if len(entries) != len(token_ids):
+        raise LogprobsMissing(f"the engine gave logprobs for {len(entries)} of {len(token_ids)} tokens")
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            token = text_of.plain(token_id)
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        else:
+            token = text_of(token_id)
+            token_logprobs.append(_logprob(entry.logprob))
+            best: dict[str, float] = {}
+            for i, (alt, logprob) in enumerate(_ranked(entry).items()):
+                if i > top:
+                    break
+                best[text_of(alt)] = _logprob(logprob)
+            top_logprobs.append(best)
+        tokens.append(token)
+        text_offset.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[TokenLogprob], top: int, text_of: TokenText) -> dict[str, Any]:
+    """Chat's logprobs over ``token_ids``, as vLLM writes them: per token its text, logprob and
+    UTF-8 bytes, and the first ``top`` of the chosen token and the best ones (vLLM's order: the
+    chosen token first; with greedy decoding the best ``top`` tokens)."""
+    if len(entries) != len(token_ids):
+        raise LogprobsMissing(f"the engine gave logprobs for {len(entries)} of {len(token_ids)} tokens")
+
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        text = text_of(token_id)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode("utf-8", errors="replace"))}
+
+    return {"content": [{**one(token_id, entry.logprob),
+                         "top_logprobs": [one(alt, lp) for alt, lp in list(_ranked(entry).items())[:top]]}
+                        for token_id, entry in zip(token_ids, entries)]}
+
+
 class Reply:
     """One response being assembled from a job's events, in completions or chat form; with
     ``token_ids`` (vLLM's ``return_token_ids``) the token ids too, as vLLM returns them: each
     choice's ``token_ids`` (per chunk when streamed) and the prompt's ``prompt_token_ids`` (per
-    choice for completions, once per response for chat; on the first chunk when streamed)."""
+    choice for completions, once per response for chat; on the first chunk when streamed).
 
-    def __init__(self, model: str, chat: bool, job: Job, token_ids: bool = False) -> None:
+    ``logprobs`` (alternatives per token, None for none) formats each choice's logprobs, per chunk
+    when streamed (``completion_logprobs``, ``chat_logprobs``). ``echoed`` (completions' echo: each
+    prompt's text) puts the prompt before each choice's text, and with ``logprobs`` the prompt's
+    tokens before its generated ones, on the choice's first chunk when streamed; ``echo_only``
+    (``max_tokens: 0``) answers the prompt alone. With ``return_token_ids`` vLLM echoes no text."""
+
+    def __init__(self, model: str, chat: bool, job: Job, token_ids: bool = False, *,
+                 token_text: Optional[TokenText] = None, logprobs: Optional[int] = None,
+                 echoed: Optional[list[str]] = None, echo_only: bool = False) -> None:
         self.model, self.chat, self.job, self.token_ids = model, chat, job, token_ids
+        self.token_text, self.logprobs, self.echoed, self.echo_only = token_text, logprobs, echoed, echo_only
+        if logprobs is not None and token_text is None:
+            raise ValueError("logprobs need token_text")
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.object = "chat.completion" if chat else "text_completion"
         self._prompt_sent: set[int] = set()
+        self._echo_sent: set[int] = set()
+        self._text_sent: dict[int, int] = {}  # a streamed choice's generated text so far (vLLM's text_offset)
 
     def usage(self) -> dict[str, int]:
         prompt = sum(len(p) for p in self.job.prompts)
@@ -546,15 +844,45 @@ class Reply:
     def prompt_of(self, index: int) -> list[int]:
         return self.job.prompts[index // self.job.n]
 
+    def _prompt_logprobs(self, index: int) -> list[Optional[TokenLogprob]]:
+        results = self.job.prompt_logprob_results
+        p = index // self.job.n
+        if p >= len(results) or len(results[p]) != len(self.job.prompts[p]):
+            got = len(results[p]) if p < len(results) else 0
+            raise LogprobsMissing(f"the engine gave prompt logprobs for {got} of {len(self.job.prompts[p])} "
+                                  f"tokens of prompt {p}")
+        return list(results[p])
+
+    def _with_echo(self, index: int, text: str, ids: list[int],
+                   entries: list[Any]) -> tuple[str, list[int], list[Any]]:
+        """A completion choice's text and logprob positions with the prompt echoed before them."""
+        prompt_text = "" if self.token_ids else self.echoed[index // self.job.n]  # type: ignore[index]
+        prompt_ids = self.prompt_of(index)
+        prompt_entries = self._prompt_logprobs(index) if self.logprobs is not None else []
+        if self.echo_only:
+            return prompt_text, list(prompt_ids), prompt_entries
+        return prompt_text + text, [*prompt_ids, *ids], [*prompt_entries, *entries]
+
+    def _completion_logprobs(self, ids: list[int], entries: list[Any], offset: int = 0) -> Optional[dict[str, Any]]:
+        if self.logprobs is None:
+            return None
+        return completion_logprobs(ids, entries, self.logprobs, self.token_text, offset)  # type: ignore[arg-type]
+
     def whole(self) -> dict[str, Any]:
         """The non-streamed response, once the job is done."""
         choices: list[dict[str, Any]] = []
         for i, c in enumerate(self.job.choices):
             if self.chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                logprobs = (chat_logprobs(c.token_ids, c.logprobs, self.logprobs, self.token_text)  # type: ignore[arg-type]
+                            if self.logprobs is not None else None)
+                choice = {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs,
                           "finish_reason": c.finish_reason}
             else:
-                choice = {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                text, ids, entries = c.text, c.token_ids, c.logprobs
+                if self.echoed is not None:
+                    text, ids, entries = self._with_echo(i, text, ids, entries)
+                choice = {"index": i, "text": text, "logprobs": self._completion_logprobs(ids, entries),
+                          "finish_reason": c.finish_reason}
                 if self.token_ids:
                     choice["prompt_token_ids"] = self.prompt_of(i)
             if self.token_ids:
@@ -567,12 +895,29 @@ class Reply:
         return answer
 
     def chunk(self, index: int, text: str = "", finish_reason: Optional[str] = None, role: bool = False,
-              token_ids: Optional[list[int]] = None) -> dict[str, Any]:
+              token_ids: Optional[list[int]] = None, logprobs: Optional[list[TokenLogprob]] = None) -> dict[str, Any]:
+        """One streamed chunk of choice ``index``: new text, its token ids and their logprobs (a
+        delta event's), or the finish reason, or (chat) the assistant's role first."""
+        ids, entries = list(token_ids or []), list(logprobs or [])
+        if self.logprobs is not None and not role and len(entries) != len(ids):
+            raise LogprobsMissing(f"the engine gave logprobs for {len(entries)} of {len(ids)} tokens")
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            formatted = (chat_logprobs(ids, entries, self.logprobs, self.token_text)  # type: ignore[arg-type]
+                         if self.logprobs is not None and ids else None)
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": formatted,
+                                      "finish_reason": finish_reason}
         else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            generated, shown = len(text), text
+            offset = self._text_sent.get(index, 0)
+            if self.echo_only:
+                shown, ids, entries = "", [], []
+            if self.echoed is not None and index not in self._echo_sent:
+                self._echo_sent.add(index)
+                shown, ids, entries = self._with_echo(index, shown, ids, entries)
+            self._text_sent[index] = offset + generated
+            formatted = self._completion_logprobs(ids, entries, offset) if ids else None
+            choice = {"index": index, "text": shown, "logprobs": formatted, "finish_reason": finish_reason}
         chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                  "created": self.created, "model": self.model, "choices": [choice]}
         if self.token_ids:

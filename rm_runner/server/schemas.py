@@ -10,6 +10,14 @@ OpenAPI spec says so too, and any other value is a 400 naming the field. The vLL
 rm_runner serves are ``EXTENSIONS``; with ``server.openai_extensions=false`` they are unknown
 fields as on OpenAI's own API.
 
+logprobs are vLLM's: completions ``logprobs`` (0..20 alternatives per token) with ``echo``
+(the prompt, and with ``logprobs`` its tokens' logprobs, before the answer; ``max_tokens: 0``
+with ``echo`` answers the prompt alone), chat ``logprobs`` with ``top_logprobs`` (0..20).
+
+The tokenizer routes (``/tokenize``, ``/detokenize``, ``/tokenizer_info``) are vLLM's, with its
+request shapes (``TokenizeCompletionRequest``, ``TokenizeChatRequest``, ``DetokenizeRequest``)
+held as strictly as the rest.
+
 The response models describe the answers for the OpenAPI spec; the handlers build the answers
 as plain dicts (no validation on the way out).
 """
@@ -20,7 +28,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 # vLLM's bounds for a seed (a 64-bit signed integer, what torch.manual_seed and engines take).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -96,12 +104,18 @@ class SamplingRequest(Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+# vLLM's --max-logprobs default, and OpenAI's bound on chat's top_logprobs.
+MAX_LOGPROBS = 20
+
+
 class CompletionRequest(SamplingRequest):
     prompt: Union[str, list[str], list[integer()], list[list[integer()]]]
-    echo: Optional[bool] = noop(None, False)
+    # 0 only with echo: the prompt alone (vLLM's echo without generation).
+    max_tokens: Optional[integer(ge=0)] = None
+    echo: Optional[bool] = False
     best_of: Optional[integer()] = noop(None, 1)
     suffix: Optional[str] = noop(None, "")
-    logprobs: Optional[integer()] = noop(None, 0)
+    logprobs: Optional[integer(ge=0, le=MAX_LOGPROBS)] = None
 
 
 class ContentPart(BaseModel):
@@ -124,8 +138,8 @@ class ChatMessage(Strict):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[integer(ge=1)] = None
-    logprobs: Optional[bool] = noop(None, False)
-    top_logprobs: Optional[integer()] = noop(None, 0)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[integer(ge=0, le=MAX_LOGPROBS)] = None
     tools: Optional[list[Any]] = noop(None, [])
     tool_choice: Optional[Union[str, dict[str, Any]]] = noop(None, "none")
     parallel_tool_calls: Optional[bool] = noop(None, True)
@@ -146,22 +160,72 @@ class ChatCompletionRequest(SamplingRequest):
     safety_identifier: Optional[str] = None
 
     def unsupported(self) -> Optional[str]:
-        for i, message in enumerate(self.messages):
-            parts = message.content if isinstance(message.content, list) else []
-            field = "content" if any(beyond_noop(p) for p in parts) else beyond_noop(message)
-            if field is not None:
-                return f"messages[{i}].{field}"
-        return super().unsupported()
+        return messages_unsupported(self.messages) or super().unsupported()
 
     def conversation(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them: role and plain-text content."""
-        out = []
-        for message in self.messages:
-            content = message.content
-            if isinstance(content, list):
-                content = "".join(p.text or "" for p in content)
-            out.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
-        return out
+        return conversation(self.messages)
+
+
+def messages_unsupported(messages: list[ChatMessage]) -> Optional[str]:
+    """The first message field set to something this server cannot do (``messages[i].field``), or None."""
+    for i, message in enumerate(messages):
+        parts = message.content if isinstance(message.content, list) else []
+        field = "content" if any(beyond_noop(p) for p in parts) else beyond_noop(message)
+        if field is not None:
+            return f"messages[{i}].{field}"
+    return None
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them: role and plain-text content."""
+    out = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(p.text or "" for p in content)
+        out.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
+    return out
+
+
+class TokenizeCompletionRequest(Strict):
+    """vLLM's ``/tokenize`` of a plain prompt."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True  # the tokenizer's own (BOS, ...), as a completion prompt gets them
+    return_token_strs: Optional[bool] = False
+
+
+class TokenizeChatRequest(Strict):
+    """vLLM's ``/tokenize`` of a conversation, through the model's chat template."""
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # on top of what the template writes (vLLM: leave it off)
+    return_token_strs: Optional[bool] = False
+
+    def unsupported(self) -> Optional[str]:
+        return messages_unsupported(self.messages)
+
+
+def _tokenize_kind(body: Any) -> str:
+    return "TokenizeChatRequest" if isinstance(body, dict) and "messages" in body else "TokenizeCompletionRequest"
+
+
+# One body or the other, by whether it has ``messages`` (a body with both is refused as the chat
+# form with an unknown ``prompt``); the tags are the class names, which error paths leave out.
+TokenizeRequest = Annotated[
+    Union[Annotated[TokenizeCompletionRequest, Tag("TokenizeCompletionRequest")],
+          Annotated[TokenizeChatRequest, Tag("TokenizeChatRequest")]],
+    Discriminator(_tokenize_kind),
+]
+
+
+class DetokenizeRequest(Strict):
+    model: Optional[str] = None
+    tokens: list[integer(ge=0)]
 
 
 def beyond_noop(model: BaseModel) -> Optional[str]:
@@ -197,10 +261,21 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """vLLM's (and OpenAI's legacy) completion logprobs: per token its text alone, its logprob
+    (None for a prompt's first token, which has no context), the chosen token and the top
+    alternatives by text, and where its text starts (the sum of the lengths before it)."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: Optional[CompletionLogprobs]
     finish_reason: FinishReason
     prompt_token_ids: Optional[list[int]] = None  # with return_token_ids
     token_ids: Optional[list[int]] = None  # with return_token_ids
@@ -220,10 +295,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]  # the token's text in UTF-8
+
+
+class TokenLogprobContent(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[TokenLogprobContent]]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: Optional[ChatLogprobs]
     finish_reason: FinishReason
     token_ids: Optional[list[int]] = None  # with return_token_ids
 
@@ -253,6 +342,31 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None  # with return_token_strs: the vocabulary's pieces
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's ``/tokenizer_info``: the tokenizer's configuration (its ``tokenizer_config.json``
+    settings, file paths left out), its class and chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    chat_template: Optional[str] = None
+    model_max_length: Optional[int] = None
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    unk_token: Optional[str] = None
 
 
 def new_id(prefix: str) -> str:
