@@ -192,3 +192,12 @@ def test_logprobs_are_the_models_own(engine) -> None:
         assert len(lp.top) == 2 and lp.top[0][0] == lp.token_id and lp.top[0][1] >= lp.top[1][1]
     streamed = [value[2] for kind, _, value in list(events.queue) if kind == "delta"]
     assert [lp for chunk in streamed for lp in chunk] == choice.logprobs
+
+
+def test_the_smallest_top_p_keeps_the_most_likely_token(engine) -> None:
+    """top_p=5e-324 is valid (above 0) but 0 in float32: the row samples its best token, as greedy."""
+    greedy, _ = job(engine, "a b", max_tokens=6, sampling=LONG)
+    sampled, _ = job(engine, "a b", max_tokens=6, sampling=Sampling(True, 1.0, 5e-324, None, 3, True))
+    batcher = batcher_of(engine)
+    serve(batcher, lambda: [(batcher.submit(j), j.ended.wait(60)) for j in (greedy, sampled)])
+    assert sampled.choices[0].token_ids == greedy.choices[0].token_ids

@@ -203,6 +203,7 @@ def _pick(logits: torch.Tensor, row: _Row) -> int:
         ordered, order = probs.sort(descending=True)
         cumulative = ordered.cumsum(0) / ordered.sum()
         drop = cumulative - ordered / ordered.sum() >= s.top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # and always the most likely token (a top_p that is 0 in float32 keeps it alone)
         probs = probs.scatter(0, order[drop], 0.0)
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
