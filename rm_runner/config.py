@@ -141,8 +141,9 @@ class ServerConfig:
     # dynamic: requests that arrive within max_wait_ms of the first waiting one run as one batch
     # until all of its rows end; auto: continuous where the engine can, else dynamic.
     batching: Batching = Batching.auto
-    # At most this many sequences (prompts x n) run at once (vLLM's max_num_seqs).
-    max_batch_size: int = 16
+    # At most this many sequences (prompts x n) run at once (vLLM's max_num_seqs); null: 256 with
+    # continuous batching (vLLM's default: a decode step grows slowly with its rows), 16 with dynamic.
+    max_batch_size: Optional[int] = None
     max_wait_ms: float = 10.0  # dynamic batching only
     # Continuous batching: prompt tokens prefilled per step at most (beyond the first request
     # admitted), so running rows keep streaming while long prompts arrive (vLLM's name).
@@ -161,7 +162,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"server.port must be in 0..65535, got {self.port}")
-        for key in ("max_batch_size", "max_queue", "max_body_bytes", "max_tokens", "max_num_batched_tokens"):
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"server.max_batch_size must be >= 1 or null, got {self.max_batch_size}")
+        for key in ("max_queue", "max_body_bytes", "max_tokens", "max_num_batched_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"server.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

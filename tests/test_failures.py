@@ -52,7 +52,7 @@ def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> 
         (["model.max_model_len=8"], "exceed model.max_model_len=8"),
         (["pipeline=benchmark", "model.max_model_len=8"], "exceed model.max_model_len=8"),
         (["workload.limit=-1"], "workload.limit must be >= 0 or null, got -1"),
-        (["pipeline=serve", "server.max_batch_size=0"], "server.max_batch_size must be >= 1, got 0"),
+        (["pipeline=serve", "server.max_batch_size=0"], "server.max_batch_size must be >= 1 or null, got 0"),
         (["pipeline=serve", "server.host=203.0.113.7", "server.port=0"], "server.host=203.0.113.7, server.port=0: cannot listen"),
     ],
 )

@@ -414,9 +414,9 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                                 "ask for at most as many as max_tokens", param="min_tokens",
                            code="min_tokens_over_max_tokens")
         rows = len(ids) * body.n
-        if rows > settings.max_batch_size:
+        if rows > batcher.max_batch_size:
             raise APIError(400, f"{len(ids)} prompt(s) x n={body.n} = {rows} sequences; this server runs at most "
-                                f"{settings.max_batch_size} at once (server.max_batch_size)", param="n",
+                                f"{batcher.max_batch_size} at once (server.max_batch_size)", param="n",
                            code="too_many_sequences")
         ending = Ending(stop=tuple(body.stop_list()), stop_token_ids=tuple(body.stop_token_ids or ()),
                         ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
@@ -541,7 +541,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     def served_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            describe(schema, served, vocab, prompt_limit, batcher.supports_logprobs, engine_name)
+            describe(schema, served, vocab, prompt_limit, batcher.max_batch_size, batcher.supports_logprobs,
+                     engine_name)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -626,8 +627,8 @@ def path_of(problem: dict[str, Any]) -> str:
     return ".".join(parts)
 
 
-def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: int, logprobs: bool = True,
-             engine: str = "") -> None:
+def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: int, max_rows: int,
+             logprobs: bool = True, engine: str = "") -> None:
     """Make the generated spec say what only the running server knows: the one model it serves,
     its limits (server.max_tokens, max_batch_size, the vocabulary, the prompt length in tokens),
     whether a key is needed, whether it serves logprobs, and (server.openai_extensions=false) no
@@ -649,7 +650,7 @@ def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: i
         props = components[name]["properties"]
         props["model"]["enum"] = [served.name]
         bound(props["max_tokens"], maximum=settings.max_tokens)
-        bound(props["n"], maximum=settings.max_batch_size)
+        bound(props["n"], maximum=max_rows)
         bound(props["min_tokens"], maximum=settings.max_tokens)
         bound(props["seed"], minimum=SEED_MIN, maximum=SEED_MAX)  # exact: FastAPI's spec model made them floats
         if not settings.openai_extensions:
@@ -660,9 +661,9 @@ def describe(schema: dict[str, Any], served: Served, vocab: int, prompt_limit: i
     ids = {"type": "array", "items": token, "minItems": 1, "maxItems": prompt_limit}
     components["CompletionRequest"]["properties"]["prompt"]["anyOf"] = [
         {"type": "string"},
-        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": settings.max_batch_size},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": max_rows},
         ids,
-        {"type": "array", "items": ids, "minItems": 1, "maxItems": settings.max_batch_size},
+        {"type": "array", "items": ids, "minItems": 1, "maxItems": max_rows},
     ]
     for path in schema["paths"].values():
         for operation in path.values():

@@ -171,7 +171,7 @@ def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], N
                           f"(engine=local on device=cpu or gpu in pytorch mode); engine={engine.name} runs "
                           "whole batches: use server.batching=dynamic or auto")
     if settings.batching == Batching.dynamic or not steps:
-        return DynamicBatcher(engine, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
-                              on_batch=on_batch)
-    return ContinuousBatcher(engine, settings.max_batch_size, settings.max_queue, settings.max_num_batched_tokens,
-                             on_batch=on_batch, on_step=on_step)
+        return DynamicBatcher(engine, settings.max_batch_size or 16, settings.max_wait_ms / 1000,
+                              settings.max_queue, on_batch=on_batch)
+    return ContinuousBatcher(engine, settings.max_batch_size or 256, settings.max_queue,
+                             settings.max_num_batched_tokens, on_batch=on_batch, on_step=on_step)
