@@ -147,8 +147,10 @@ class RunningBatch:
         self.mask, self.last = self.mask[index], self.last[index]
         first = int(self.mask.any(dim=0).long().argmax())  # columns before it hold only padding now
         self.mask = self.mask[:, first:]
+        runs = _runs(keep)  # the kept rows as slices: views, so each layer is copied once
         for layer in self.cache.layers:
-            _hold(layer, [layer.keys[index, :, first:]], [layer.values[index, :, first:]], self.mask.shape[1])
+            _hold(layer, [layer.keys[run, :, first:] for run in runs], [layer.values[run, :, first:] for run in runs],
+                  self.mask.shape[1])
 
     def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, last: torch.Tensor) -> None:
         for row, token in zip(rows, last.tolist()):
@@ -227,6 +229,17 @@ def _generator(seed: Optional[int], device: Any) -> Optional[torch.Generator]:
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def _runs(indices: list[int]) -> list[slice]:
+    """Sorted row indices as slices of consecutive rows: [0, 1, 2, 5, 6] -> [0:3, 5:7]."""
+    runs: list[slice] = []
+    for i in indices:
+        if runs and runs[-1].stop == i:
+            runs[-1] = slice(runs[-1].start, i + 1)
+        else:
+            runs.append(slice(i, i + 1))
+    return runs
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
