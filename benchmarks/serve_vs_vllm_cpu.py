@@ -235,7 +235,8 @@ def case_seed(base: int, rnd: int, case_index: int, cases: int) -> int:
 def snapshot(kind: str, text: str) -> dict[str, Any]:
     """What is read from a server's /metrics around a case."""
     if kind == "rm_runner":
-        return {"batch_size": histogram(text, "rm_runner_batch_size")}
+        return {"batch_size": histogram(text, "rm_runner_batch_size"),
+                "step_seconds": histogram(text, "rm_runner_decode_step_seconds")}
     return {"iteration_tokens": histogram(text, "vllm:iteration_tokens_total"),
             "prefix_cache_hits": counter(text, "vllm:prefix_cache_hits"),
             "prefix_cache_queries": counter(text, "vllm:prefix_cache_queries")}
@@ -488,6 +489,9 @@ def summarize(records: list[dict[str, Any]], cases: list[Case], servers: list[st
             batches = [m["batch_size"]["mean"] for m in metrics if m.get("batch_size")]
             if any(b is not None for b in batches):
                 entry["servers"][s]["mean_batch_size"] = median(batches)
+            step_s = [m["step_seconds"]["mean"] for m in metrics if m.get("step_seconds")]
+            if any(t is not None for t in step_s):  # continuous batching times its decode steps
+                entry["servers"][s]["mean_step_ms"] = median([t * 1000 for t in step_s if t is not None])
             steps = [m["iteration_tokens"]["mean"] for m in metrics if m.get("iteration_tokens")]
             if any(t is not None for t in steps):
                 entry["servers"][s]["mean_tokens_per_step"] = median(steps)
@@ -530,8 +534,8 @@ def table(summary: dict[str, Any], offline: dict[str, Any], meta: dict[str, Any]
     lines = [f"Workload: random {meta['input_len']} in / {meta['output_len']} out tokens x {meta['num_prompts']} "
              f"prompts, seed {meta['seed']} + round x cases + case, greedy, ignore_eos, float32, SmolLM2-135M; "
              f"client: vllm bench serve (openai, /v1/completions, streaming); medians of {meta['rounds']} round(s)",
-             "", "mean batch: rm_runner_batch_size (continuous batching: sequences per decode step; dynamic: per "
-             "batch); vLLM: tokens per engine step (vllm:iteration_tokens_total, prefill steps included). cores: the "
+             "", "mean batch: rm_runner_batch_size (continuous batching: sequences per decode step, and its mean "
+             "time, rm_runner_decode_step_seconds; dynamic: per batch); vLLM: tokens per engine step (vllm:iteration_tokens_total, prefill steps included). cores: the "
              "server's CPU time / the case's duration. idle CPU s: what the servers not under test used meanwhile.", ""]
     heads = ["output tok/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms"]
     lines += ["| case | server | " + " | ".join(heads) + " | failed | mean batch | cores | idle CPU s |",
@@ -541,6 +545,8 @@ def table(summary: dict[str, Any], offline: dict[str, Any], meta: dict[str, Any]
             batch = f.get("mean_batch_size")
             batch = fmt(batch, 2) if batch is not None else (
                 f"{fmt(f['mean_tokens_per_step'], 2)} tok/step" if f.get("mean_tokens_per_step") else "-")
+            if f.get("mean_step_ms") is not None:
+                batch += f" ({fmt(f['mean_step_ms'])} ms/step)"
             lines.append(f"| {case} | {s} | " + " | ".join(fmt(f[k]) for k in FIGURES)
                          + f" | {f['failed']} | {batch} | {fmt(f.get('cores'), 2)} | {fmt(f['idle_servers_cpu_s'])} |")
     checks = []

@@ -161,3 +161,16 @@ def test_close_cuts_running_and_waiting_jobs_with_an_abort(engine) -> None:
     assert events[-1][0] == "abort" and "shut down" in events[-1][2]
     assert len(running.choices[0].token_ids) < 1900 and running.choices[0].finish_reason == "cancelled"
     assert waiting_events.get(timeout=5)[0] == "abort" and waiting.ended.is_set()
+
+
+def test_a_streamed_token_without_text_still_gets_its_chunk(engine) -> None:
+    """As vLLM streams: every token is a chunk, text or not (a skipped special token here), so a
+    client's time to first token is the first token's, not the first text's."""
+    from rm_runner.server.batcher import deliver
+
+    j, events = job(engine, "a b", max_tokens=4)
+    j.ending = Ending(ignore_eos=True)
+    choice = Choice(engine.tokenizer, engine.eos_ids, j.max_tokens, j.ending)
+    special = next(iter(engine.eos_ids))  # EOS, ignored: skipped by the decode, so it adds no text
+    deliver(j, 0, choice, special, now=0.0)
+    assert events.get_nowait() == ("delta", 0, ("", [special], None))

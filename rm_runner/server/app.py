@@ -425,7 +425,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         logprobs, prompt_logprobs = wanted_logprobs(body)
         # max_tokens=0 (echo): one token is made and left out of the answer, as vLLM does
         return Job(prompts=ids, n=body.n, max_tokens=max(max_tokens, 1), sampling=sampling(body), ending=ending,
-                   emit=emit, stream=bool(body.stream), stream_token_ids=body.return_token_ids,
+                   emit=emit, stream=bool(body.stream),
                    logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def sampling(body: SamplingRequest) -> Sampling:

@@ -94,8 +94,6 @@ class Job:
     # Streamed jobs get every delta as it is made; the others only "done" (each wake-up of the
     # event loop costs the model thread time on a small machine).
     stream: bool = True
-    # A stream that returns token ids gets a delta for every token, even one that adds no text yet.
-    stream_token_ids: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -277,7 +275,7 @@ def deliver(job: Job, index: int, choice: Choice, token: int, now: float,
     elif not choice.finished:
         job.first_token_at = job.first_token_at or now
         delta = choice.add(token, logprob)
-        if job.stream and (delta or job.stream_token_ids or logprob is not None):
+        if job.stream:  # a chunk per token, text or not (a special token, half a character), as vLLM's
             job.emit(("delta", index, (delta, *choice.take_ids())))
         if job.stream and choice.finished:
             job.emit(("finish", index, choice.finish_reason))
