@@ -559,23 +559,20 @@ def table(summary: dict[str, Any], offline: dict[str, Any], meta: dict[str, Any]
                 checks.append(f"WARNING {case} {s}: the client sent {sent} prompt tokens, the server counted {served}")
     lines += [""] + (checks or ["checks: no vLLM prefix-cache hits; rm_runner counted the prompt tokens the "
                                  "client sent in every case"])
-    for key, title in (("vs_vllm", "rm_runner / vLLM-CPU"),):
-        if not any(key in e for e in summary.values()):
-            continue
-        lines += ["", f"Ratios {title} (throughput: >1 better; latencies: <1 better), rounds rm_runner won",
-                  "| case | variant | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    def ratios(key: str, title: str) -> list[str]:
+        rows = ["", title, "| case | variant | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
         for case, entry in summary.items():
             for label, c in entry.get(key, {}).items():
-                lines.append(f"| {case} | {label} | " + " | ".join(
+                rows.append(f"| {case} | {label} | " + " | ".join(
                     f"{fmt(c['ratio'][k], 3)}x ({c['wins'][k]})" for k in FIGURES) + " |")
+        return rows
+
+    if any("vs_vllm" in e for e in summary.values()):
+        lines += ratios("vs_vllm", "Ratios rm_runner / vLLM-CPU (throughput: >1 better; latencies: <1 better), "
+                                   "rounds rm_runner won")
     other = [k for e in summary.values() for k in e if k.startswith("vs_") and k != "vs_vllm"]
     for key in dict.fromkeys(other):
-        lines += ["", f"Ratios variant / {key[3:]} (same reading), rounds won",
-                  "| case | variant | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
-        for case, entry in summary.items():
-            for label, c in entry.get(key, {}).items():
-                lines.append(f"| {case} | {label} | " + " | ".join(
-                    f"{fmt(c['ratio'][k], 3)}x ({c['wins'][k]})" for k in FIGURES) + " |")
+        lines += ratios(key, f"Ratios variant / {key[3:]} (same reading), rounds won")
     if offline:
         lines += ["", f"Offline batch at the same prompts (rm_runner pipeline=generate, engine.batch_size="
                       f"{meta['offline_batch_size']}, generation phase): {fmt(offline['output_tok_s'])} output tok/s "

@@ -36,8 +36,7 @@ class ContinuousBatcher(DynamicBatcher):
         super().__init__(engine, max_batch_size, 0.0, max_queue, on_batch)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_step = on_step  # each decode step's time, in seconds (its rows go to on_batch)
-        self._rows: dict[Hashable, tuple[Job, int, Choice]] = {}  # running rows by key
-        self._left: dict[int, int] = {}  # id(job): its rows still running
+        self._rows: dict[Hashable, tuple[Job, int, Choice]] = {}  # running rows by key: (id(job), index)
 
     def run(self) -> None:
         """Serve until ``close``; call it from the thread that should drive the model."""
@@ -97,7 +96,8 @@ class ContinuousBatcher(DynamicBatcher):
         for job in jobs:
             job.choices = [Choice(engine.tokenizer, engine.eos_ids, job.max_tokens, job.ending)
                            for _ in range(job.rows)]
-            self._left[id(job)] = job.rows
+            if job.prompt_logprobs is not None:
+                job.prompt_logprob_results = [[] for _ in job.prompts]
             for index, choice in enumerate(job.choices):
                 key = (id(job), index)
                 self._rows[key] = (job, index, choice)
@@ -110,8 +110,6 @@ class ContinuousBatcher(DynamicBatcher):
         for token in tokens:
             job, index, choice = self._rows[token.key]
             if token.prompt_logprobs is not None:
-                while len(job.prompt_logprob_results) <= index // job.n:
-                    job.prompt_logprob_results.append([])
                 job.prompt_logprob_results[index // job.n] = token.prompt_logprobs
             deliver(job, index, choice, token.token_id, now, token.logprob)
             if choice.finished:
@@ -122,9 +120,7 @@ class ContinuousBatcher(DynamicBatcher):
 
     def _end_row(self, key: Hashable) -> None:
         job, _, _ = self._rows.pop(key)
-        self._left[id(job)] -= 1
-        if not self._left[id(job)]:
-            del self._left[id(job)]
+        if not any(k[0] == key[0] for k in self._rows):  # its last row
             with self._cond:
                 self._running.remove(job)
             conclude(job)
@@ -133,7 +129,6 @@ class ContinuousBatcher(DynamicBatcher):
     def _fail(self, message: str) -> None:
         jobs = {id(job): job for job, _, _ in self._rows.values()}
         self._rows.clear()
-        self._left.clear()
         with self._cond:
             self._running = []
         for job in jobs.values():
