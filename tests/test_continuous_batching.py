@@ -201,3 +201,26 @@ def test_the_smallest_top_p_keeps_the_most_likely_token(engine) -> None:
     batcher = batcher_of(engine)
     serve(batcher, lambda: [(batcher.submit(j), j.ended.wait(60)) for j in (greedy, sampled)])
     assert sampled.choices[0].token_ids == greedy.choices[0].token_ids
+
+
+def test_batching_follows_what_the_engine_can_do(engine) -> None:
+    """auto: continuous (256 rows) where the engine steps rows, dynamic (16) where it cannot;
+    continuous asked of an engine that cannot is a ConfigError naming the option."""
+    from rm_runner.backends.cpu import CPUBackend
+    from rm_runner.config import Batching, ServerConfig
+    from rm_runner.engines.local import LocalEngine
+    from rm_runner.errors import ConfigError
+    from rm_runner.server.batcher import DynamicBatcher
+    from rm_runner.server.continuous import batcher_for
+
+    def made(e, **settings):
+        return batcher_for(e, ServerConfig(**settings), on_batch=lambda rows: None, on_step=lambda s: None)
+
+    stepping = made(engine)
+    assert isinstance(stepping, ContinuousBatcher) and stepping.max_batch_size == 256
+    whole = LocalEngine(CPUBackend())  # no model loaded: nothing to step
+    fallback = made(whole)
+    assert type(fallback) is DynamicBatcher and fallback.max_batch_size == 16
+    assert type(made(engine, batching=Batching.dynamic)) is DynamicBatcher
+    with pytest.raises(ConfigError, match="server.batching=continuous needs"):
+        made(whole, batching=Batching.continuous)
