@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from rm_runner.config import GenerationConfig
-from rm_runner.requests import Request
-from rm_runner.server.batcher import Job, Sampling
+from rm_runner.requests import Request, SamplingParams
+from rm_runner.server.batcher import Job
 from rm_runner.server.choice import Ending
 from rm_runner.server.continuous import ContinuousBatcher
 from tests.test_server_batcher import GREEDY, collect, engine, job  # noqa: F401  (engine: a fixture)
 
-LONG = Sampling(False, None, None, None, None, True)  # greedy, EOS ignored: runs to max_tokens
+LONG = SamplingParams(ignore_eos=True)  # greedy, EOS ignored: runs to max_tokens
 
 
 def batcher_of(engine, **kwargs) -> ContinuousBatcher:
@@ -81,7 +81,7 @@ def test_staggered_arrivals_join_the_running_batch_and_match_offline(engine) -> 
 
 
 def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch(engine) -> None:
-    seeded = Sampling(True, 1.0, 1.0, None, 11, False)
+    seeded = SamplingParams(temperature=1.0, seed=11)
     alone, _ = job(engine, "one two", max_tokens=12, sampling=seeded)
     batcher = batcher_of(engine)
     serve(batcher, lambda: (batcher.submit(alone), alone.ended.wait(60)))
@@ -97,7 +97,7 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_batch(engine) -> 
     serve(batcher, driver)
     mine = alone.choices[0].token_ids
     assert together[1][0].choices[0].token_ids == together[2][0].choices[0].token_ids == mine
-    other = Sampling(True, 1.0, 1.0, None, 12, False)  # another seed draws otherwise: the seed counts
+    other = SamplingParams(temperature=1.0, seed=12)  # another seed draws otherwise: the seed counts
     two, _ = job(engine, "one two", max_tokens=12, sampling=other, n=2)
     batcher = batcher_of(engine)
     serve(batcher, lambda: (batcher.submit(two), two.ended.wait(60)))
@@ -160,8 +160,8 @@ def test_min_tokens_keeps_stop_tokens_out_of_the_first_tokens(engine) -> None:
     first = plain.choices[0].token_ids[0]
     stopped = Job(prompts=plain.prompts, n=1, max_tokens=8, sampling=GREEDY, emit=lambda e: None,
                   ending=Ending(stop_token_ids=(first,)))
-    held = Job(prompts=plain.prompts, n=1, max_tokens=8, sampling=GREEDY, emit=lambda e: None,
-               ending=Ending(stop_token_ids=(first,), min_tokens=3))
+    held = Job(prompts=plain.prompts, n=1, max_tokens=8, sampling=SamplingParams(min_tokens=3),
+               emit=lambda e: None, ending=Ending(stop_token_ids=(first,), min_tokens=3))
     batcher = batcher_of(engine)
     serve(batcher, lambda: [(batcher.submit(j), j.ended.wait(60)) for j in (stopped, held)])
     assert stopped.choices[0].token_ids == [first] and stopped.choices[0].finish_reason == "stop"
@@ -197,7 +197,7 @@ def test_logprobs_are_the_models_own(engine) -> None:
 def test_the_smallest_top_p_keeps_the_most_likely_token(engine) -> None:
     """top_p=5e-324 is valid (above 0) but 0 in float32: the row samples its best token, as greedy."""
     greedy, _ = job(engine, "a b", max_tokens=6, sampling=LONG)
-    sampled, _ = job(engine, "a b", max_tokens=6, sampling=Sampling(True, 1.0, 5e-324, None, 3, True))
+    sampled, _ = job(engine, "a b", max_tokens=6, sampling=SamplingParams(temperature=1.0, top_p=5e-324, seed=3, ignore_eos=True))
     batcher = batcher_of(engine)
     serve(batcher, lambda: [(batcher.submit(j), j.ended.wait(60)) for j in (greedy, sampled)])
     assert sampled.choices[0].token_ids == greedy.choices[0].token_ids

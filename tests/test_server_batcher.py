@@ -7,11 +7,12 @@ import threading
 
 import pytest
 
-from rm_runner.requests import Request
-from rm_runner.server.batcher import DynamicBatcher, Job, QueueFull, Sampling, ShuttingDown
+from rm_runner.backends.hf_generate import generate_kwargs
+from rm_runner.requests import GenerationRequest, Request, SamplingParams
+from rm_runner.server.batcher import DynamicBatcher, Job, QueueFull, ShuttingDown
 from rm_runner.server.choice import Choice, Ending
 
-GREEDY = Sampling(False, None, None, None, None, False)
+GREEDY = SamplingParams()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def engine():
     engine.stop()
 
 
-def job(engine, prompt: str, max_tokens: int = 6, sampling: Sampling = GREEDY, n: int = 1,
+def job(engine, prompt: str, max_tokens: int = 6, sampling: SamplingParams = GREEDY, n: int = 1,
         stop: list[str] | None = None) -> tuple[Job, "queue.Queue"]:
     events: queue.Queue = queue.Queue()
     ids = engine.render(Request(id="t", prompt=prompt, chat_template=False))
@@ -84,7 +85,7 @@ def test_waiting_jobs_share_one_batch_and_match_offline(engine) -> None:
 
 def test_different_sampling_runs_in_separate_batches(engine) -> None:
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_s=0.0, max_queue=8)
-    sampled = Sampling(True, 0.8, 1.0, None, 3, False)
+    sampled = SamplingParams(temperature=0.8, seed=3)
     jobs = [job(engine, "a b"), job(engine, "c d", sampling=sampled), job(engine, "e f")]
     for j, _ in jobs:
         batcher.submit(j)
@@ -121,12 +122,15 @@ def test_choice_holds_back_text_that_may_start_a_stop_string(engine) -> None:
 def test_penalties_and_min_p_reach_generate_and_part_batches(engine) -> None:
     """repetition_penalty and min_p are generate() keywords for the whole batch: rows that differ
     in them run apart, and they change what is generated."""
-    penalised = Sampling(False, None, None, None, None, False, repetition_penalty=1.5)
-    top_only = Sampling(True, 1.0, None, None, 5, False, min_p=1.0)  # keeps the most likely token alone
-    assert penalised.generate_kwargs(4, 0)["repetition_penalty"] == 1.5
-    assert top_only.generate_kwargs(4, 0)["min_p"] == 1.0
-    assert Sampling(False, None, None, None, None, False, min_tokens=3).generate_kwargs(4, 0)["min_new_tokens"] == 3
-    assert not {"repetition_penalty", "min_p", "min_new_tokens"} & set(GREEDY.generate_kwargs(4, 0))
+    penalised = SamplingParams(repetition_penalty=1.5)
+    top_only = SamplingParams(temperature=1.0, seed=5, min_p=1.0)  # keeps the most likely token alone
+    def kwargs(sampling: SamplingParams) -> dict:
+        return generate_kwargs(GenerationRequest.of([[1]], 4, sampling))
+
+    assert kwargs(penalised)["repetition_penalty"] == 1.5
+    assert kwargs(top_only)["min_p"] == 1.0
+    assert kwargs(SamplingParams(min_tokens=3))["min_new_tokens"] == 3
+    assert not {"repetition_penalty", "min_p", "min_new_tokens"} & set(kwargs(GREEDY))
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_s=0.0, max_queue=8)
     jobs = [job(engine, "one two one two", max_tokens=16, sampling=s) for s in (GREEDY, penalised, top_only, GREEDY)]
     for j, _ in jobs:
@@ -140,7 +144,7 @@ def test_penalties_and_min_p_reach_generate_and_part_batches(engine) -> None:
 
 def test_close_cuts_running_and_waiting_jobs_with_an_abort(engine) -> None:
     batcher = DynamicBatcher(engine, max_batch_size=1, max_wait_s=0.0, max_queue=8)
-    long = Sampling(False, None, None, None, None, True)
+    long = SamplingParams(ignore_eos=True)
     running, running_events = job(engine, "go on", max_tokens=1900, sampling=long)
     waiting, waiting_events = job(engine, "later", max_tokens=4)
     batcher.submit(running)

@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from rm_runner.requests import TokenLogprob
+from rm_runner.requests import SamplingParams, TokenLogprob
 from rm_runner.server.app import LogprobsMissing, Reply, TokenText, wanted_logprobs
-from rm_runner.server.batcher import Job, Sampling
+from rm_runner.server.batcher import Job
 from rm_runner.server.schemas import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
 )
@@ -56,7 +56,7 @@ LOGPROBS = [TokenLogprob(5, -0.25, ((5, -0.25), (7, -2.0))),  # the best token, 
 
 
 def job_with(choices: list, n: int = 1, prompt_logprobs: list | None = None) -> Job:
-    job = Job(prompts=[PROMPT], n=n, max_tokens=2, sampling=Sampling(False, None, None, None, None, False),
+    job = Job(prompts=[PROMPT], n=n, max_tokens=2, sampling=SamplingParams(),
               emit=lambda event: None)
     job.choices = choices
     job.prompt_logprob_results = [prompt_logprobs] if prompt_logprobs is not None else []

@@ -15,6 +15,7 @@ from rm_runner.backends.cpu import CPUBackend
 from rm_runner.backends.gpu import GPUBackend
 from rm_runner.config import Dtype, ModelConfig
 from rm_runner.engines.triton_vllm import engine_args, sampling_parameters, vllm_backend_installed, write_model_repository
+from rm_runner.requests import GenerationRequest, SamplingParams
 from tests.conftest import cli
 
 
@@ -36,12 +37,13 @@ def test_model_repository_layout(tmp_path: Path) -> None:
                           "max_num_seqs": 8}
 
 
-def test_generate_keywords_map_to_sampling_parameters() -> None:
-    assert sampling_parameters({"max_new_tokens": 32, "do_sample": False, "seed": 0, "eos_token_id": None}) == {
-        "max_tokens": 32, "seed": 0, "temperature": 0.0, "ignore_eos": True}
-    assert sampling_parameters({"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9,
-                                "top_k": 40, "seed": 3}) == {
-        "max_tokens": 8, "seed": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 40}
+def test_requests_map_to_sampling_parameters_in_vllms_names() -> None:
+    greedy = GenerationRequest.of([[1, 2], [3]], [32, 5], SamplingParams(ignore_eos=True, seed=7))
+    assert sampling_parameters(greedy, 0) == {"max_tokens": 32, "ignore_eos": True}  # greedy draws nothing: no seed
+    assert sampling_parameters(greedy, 1) == {"max_tokens": 5, "ignore_eos": True}
+    sampled = GenerationRequest.of([[1]], 8, SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=3))
+    assert sampling_parameters(sampled, 0) == {"max_tokens": 8, "seed": 3, "temperature": 0.7, "top_p": 0.9,
+                                               "top_k": 40}
 
 
 @pytest.mark.skipif(vllm_backend_installed() is not None, reason="tritonserver with the vLLM backend is installed")
@@ -51,26 +53,21 @@ def test_asking_for_the_vllm_backend_without_it_names_what_is_missing(tmp_path: 
     assert "engine.server=vllm needs a tritonserver binary with its vLLM backend" in proc.stderr
 
 
-def test_vllms_sampling_fields_reach_both_triton_servers() -> None:
-    """repetition_penalty, min_p and min_new_tokens (served by the API) reach the model on either
-    Triton server instead of being dropped by a fixed list of parameters."""
-    import torch
-
+def test_a_request_reaches_both_triton_servers_whole() -> None:
+    """Every sampling field (repetition_penalty, min_p, min_tokens too) and each row's own length
+    reach the model on either Triton server, instead of being dropped by a fixed list of parameters."""
     from rm_runner.engines.triton import TritonClient
-    from rm_runner.engines.triton_server import PARAMS, hf_kwargs
+    from rm_runner.engines.triton_server import requests_of
 
-    asked = {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": None, "seed": 3,
-             "repetition_penalty": 1.3, "min_p": 0.05, "min_new_tokens": 4}
-    arrays = TritonClient._arrays({"input_ids": torch.tensor([[5, 6, 7]])}, asked)
-    received = hf_kwargs({name: arrays[name][0, 0].item() for name, _ in PARAMS}, pad_token_id=0)
-    assert received["repetition_penalty"] == pytest.approx(1.3) and received["min_p"] == pytest.approx(0.05)
-    assert received["min_new_tokens"] == 4
-    plain = {"max_new_tokens": 8, "do_sample": False, "seed": 0}
-    arrays = TritonClient._arrays({"input_ids": torch.tensor([[5, 6, 7]])}, plain)
-    received = hf_kwargs({name: arrays[name][0, 0].item() for name, _ in PARAMS}, pad_token_id=0)
-    assert not {"repetition_penalty", "min_p", "min_new_tokens"} & set(received)  # no-op values stay out
-    assert sampling_parameters(asked) == {"max_tokens": 8, "seed": 3, "temperature": 0.7, "top_p": 0.9, "top_k": 0,
-                                          "repetition_penalty": 1.3, "min_tokens": 4, "min_p": 0.05}
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=3, repetition_penalty=1.3, min_p=0.05, min_tokens=4)
+    sent = GenerationRequest.of([[5, 6, 7], [8]], [8, 3], sampling, eos_ids=[2], pad_token_id=0)
+    (rows, received), = requests_of(**TritonClient._arrays(sent), pad_token_id=0)
+    assert rows == [0, 1] and received == sent  # the padding undone, the JSON read back
+    plain = GenerationRequest.of([[5]], 8, SamplingParams(ignore_eos=True), pad_token_id=0)
+    (_, received), = requests_of(**TritonClient._arrays(plain), pad_token_id=0)
+    assert received == plain and received.end_ids == ()
+    assert sampling_parameters(sent, 1) == {"max_tokens": 3, "seed": 3, "temperature": 0.7, "top_p": 0.9,
+                                            "repetition_penalty": 1.3, "min_tokens": 4, "min_p": 0.05}
 
 
 def test_triton_requests_have_their_own_timeout() -> None:

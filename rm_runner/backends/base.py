@@ -1,17 +1,22 @@
 """The interface every device backend implements; the registry (``registry.py``) finds them.
 
-A backend turns a model reference into something that runs on its device and executes
-Hugging Face-form inputs on it, returning Hugging Face-form outputs, so code written
-against ``transformers`` does not change from one device to another.
+A backend turns a model reference into something that runs on its device. Engines hand it a
+``GenerationRequest`` (``generate``); code written against ``transformers`` (the hook) hands it
+Hugging Face-form inputs and keywords (``execute``), so it does not change from one device to another.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from rm_runner.config import check_options
+
+if TYPE_CHECKING:
+    from rm_runner.requests import GenerationRequest
+
+OnStep = Callable[[list[int]], list[bool]]
 
 
 def tool_output(tool: str, *args: str) -> str | None:
@@ -119,9 +124,20 @@ class Backend(ABC):
         ``method="forward"`` returns the forward pass's output (logits).
         """
 
+    def generate(self, model: Any, request: "GenerationRequest", on_step: Optional[OnStep] = None) -> list[list[int]]:
+        """Each row's new tokens for ``request`` (the engines' one call); see ``GenerationRequest``
+        for where rows end. ``on_step`` (only where ``streams``) is called after every decoding
+        step with each row's new token and answers which rows are finished.
+
+        By default through ``execute``: transformers' ``generate()``, which is where the request
+        becomes its keywords and a padded batch (``hf_generate``)."""
+        from rm_runner.backends import hf_generate
+
+        return hf_generate.generate(self.execute, model, request, on_step)
+
     def streams(self, model: Any) -> bool:
-        """True when ``execute(method="generate")`` takes Hugging Face ``stopping_criteria`` and calls
-        them after every decoding step, so served tokens reach clients as they are made."""
+        """True when ``generate`` takes ``on_step`` and calls it after every decoding step, so
+        served tokens reach clients as they are made."""
         return False
 
     def running_batch(self, model: Any) -> Any:

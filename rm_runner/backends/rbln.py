@@ -28,11 +28,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from rm_runner.backends import vllm_inprocess
-from rm_runner.backends.base import Availability, Backend, BackendOptions, VLLMServerSettings, tool_output
+from rm_runner.backends import hf_generate, vllm_inprocess
+from rm_runner.backends.base import Availability, Backend, BackendOptions, OnStep, VLLMServerSettings, tool_output
 from rm_runner.backends.rbln_compile_cache import COMPILED_MARKER, compiled_model_dir, is_compiled
 from rm_runner.backends.vllm_inprocess import VLLMModel
 from rm_runner.errors import ConfigError, RunnerError
+from rm_runner.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +371,17 @@ class RBLNBackend(Backend):
             raise RunnerError(f"device=rbln: the compiled model {folder} did not load onto the NPU "
                               f"(device.device={devices}): {cause}; {CHECK_NPUS}") from exc
 
-    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+    def generate(self, model: Any, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
         if isinstance(model, VLLMModel):
+            return vllm_inprocess.generate(model, request)
+        return super().generate(model, request, on_step)
+
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        if isinstance(model, VLLMModel):  # transformers code (the hook) on in-process vLLM
             if method == "forward":
                 raise RunnerError("device=rbln in vllm mode returns tokens, not logits; use device.mode=optimum")
-            return vllm_inprocess.generate(model, inputs, kwargs)
+            request = hf_generate.request_of_call(inputs, kwargs, "device=rbln in vllm mode")
+            return hf_generate.as_sequences(inputs, vllm_inprocess.generate(model, request), request.pad_token_id)
         seed = kwargs.pop("seed", None)
         if seed is not None:
             import torch
@@ -513,6 +520,4 @@ def _real_rows_only(criteria: Any, rows: int) -> Any:
             return torch.cat([done, torch.ones(input_ids.shape[0] - rows, dtype=torch.bool, device=input_ids.device)])
 
     wrapped = StoppingCriteriaList([RealRows(c) for c in criteria])
-    if hasattr(criteria, "eos_token_ids"):
-        wrapped.eos_token_ids = criteria.eos_token_ids
     return wrapped

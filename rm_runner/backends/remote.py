@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from rm_runner.backends.base import Availability, Backend, BackendOptions
-from rm_runner.backends.hf_form import follow_steps, generate_output, prompt_token_lists
+from rm_runner.backends.base import Availability, Backend, BackendOptions, OnStep
+from rm_runner.backends.server_steps import follow_steps
 from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
+from rm_runner.requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ VLLM_EXTENSIONS = ("return_token_ids", "skip_special_tokens", "ignore_eos", "top
 Switch = Union[str, bool]  # "auto", True or False
 
 
-# generate() keywords that vLLM's OpenAI server takes as request extensions: (generate(), vLLM).
-VLLM_SAMPLING = (("repetition_penalty", "repetition_penalty"), ("min_p", "min_p"), ("min_new_tokens", "min_tokens"))
+# Sampling settings that vLLM's OpenAI server takes as request extensions (OpenAI defines none of them).
+VLLM_SAMPLING = ("repetition_penalty", "min_p", "min_tokens")
 
 @dataclass
 class RemoteOptions(BackendOptions):
@@ -302,74 +303,61 @@ class RemoteBackend(Backend):
         its joined text), so rows can be followed step by step and cancelled early."""
         return isinstance(model, RemoteModel)
 
-    def _check(self, model: RemoteModel, kwargs: dict[str, Any], ignore_eos: bool) -> None:
+    def _check(self, model: RemoteModel, sampling: SamplingParams) -> None:
         """Refuse what a server without vLLM's extensions cannot be asked for, naming the field."""
         if model.dialect.extensions:
             return
         why = (f"{self.options.base_url} does not take vLLM's request extensions "
                f"(device.openai_extensions={_switch(self.options.openai_extensions)}"
                + (f"; it answered {model.dialect.refused}" if model.dialect.refused else "") + ")")
-        if kwargs.get("do_sample") and kwargs.get("top_k"):
-            raise ConfigError(f"generation.top_k={kwargs['top_k']}: top_k is a vLLM extension and {why}. Set "
+        if sampling.top_k:
+            raise ConfigError(f"generation.top_k={sampling.top_k}: top_k is a vLLM extension and {why}. Set "
                               "generation.top_k=null, or use a server that takes vLLM's extensions")
-        if ignore_eos:
+        if sampling.ignore_eos:
             raise ConfigError(f"generation.ignore_eos=true: ignore_eos is a vLLM extension and {why}. Set "
                               "generation.ignore_eos=false, or use a server that takes vLLM's extensions")
-        asked = [vllm for hf, vllm in VLLM_SAMPLING if kwargs.get(hf) is not None]
+        asked = [name for name in VLLM_SAMPLING if name in sampling.changed()]
         if asked:
             raise RunnerError(f"{', '.join(asked)}: vLLM sampling extensions, and {why}; leave them out, or use a "
                               "server that takes vLLM's extensions")
 
     @staticmethod
-    def _request(model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any], stream: bool,
-                 ignore_eos: bool) -> dict[str, Any]:
-        sample = bool(kwargs.get("do_sample"))
+    def _request(model: RemoteModel, prompt_ids: tuple[int, ...], max_tokens: int, sampling: SamplingParams,
+                 stream: bool) -> dict[str, Any]:
+        """One row as an OpenAI completion request: OpenAI's own fields, vLLM's where the server takes them."""
+        own, extensions = sampling.openai_fields()
         extra: dict[str, Any] = {}
-        if model.dialect.extensions:
-            extra.update(return_token_ids=True, skip_special_tokens=False)
-            if ignore_eos:
-                extra["ignore_eos"] = True
-            if sample and kwargs.get("top_k"):
-                extra["top_k"] = kwargs["top_k"]
-            extra.update({vllm: kwargs[hf] for hf, vllm in VLLM_SAMPLING if kwargs.get(hf) is not None})
-        request = dict(model=model.served_name, prompt=model.prompt(prompt_ids),
-                       max_tokens=kwargs.get("max_new_tokens", 16),
-                       temperature=(kwargs.get("temperature") or 1.0) if sample else 0.0,
-                       top_p=(kwargs.get("top_p") or 1.0) if sample else 1.0, seed=kwargs.get("seed"), stream=stream)
+        if model.dialect.extensions:  # a server without them was refused these settings (_check)
+            extra.update(return_token_ids=True, skip_special_tokens=False, **extensions)
+        request = dict(model=model.served_name, prompt=model.prompt(list(prompt_ids)), max_tokens=max_tokens,
+                       stream=stream, **own)
         if extra:
             request["extra_body"] = extra
         return request
 
-    def _complete(self, model: RemoteModel, prompt_ids: list[int], kwargs: dict[str, Any], ignore_eos: bool) -> list[int]:
-        response = model.client.completions.create(**self._request(model, prompt_ids, kwargs, False, ignore_eos))
-        choice = response.choices[0]
+    def _complete(self, model: RemoteModel, request: GenerationRequest, row: int) -> list[int]:
+        body = self._request(model, request.prompts[row], request.max_new_tokens[row], request.sampling, False)
+        choice = model.client.completions.create(**body).choices[0]
         ids = _named_ids(choice)
         return ids if ids is not None else model.text_ids(choice.text or "", choice.finish_reason)
 
-    def _stream_rows(self, model: RemoteModel, prompts: list[list[int]], kwargs: dict[str, Any], criteria: Any,
-                     pad: int) -> list[list[int]]:
+    def _stream_rows(self, model: RemoteModel, request: GenerationRequest, on_step: OnStep) -> list[list[int]]:
         """Every row as its own streamed request, read a step (each running row's next token) at
-        a time; a row the criteria stop is closed, which ends it on the server too.
-
-        The criteria name the EOS ids they stop a row at (``eos_token_ids``; none when the caller
-        ignores EOS). A server that names its token ids is asked to ignore EOS and the criteria see
-        it; one that does not is left to stop at EOS itself, and its stop is handed on as that EOS."""
+        a time; a row ``on_step`` finishes is closed, which ends it on the server too. A server that
+        names no token ids stops at EOS itself, and that stop is handed on as the EOS."""
         import queue
 
-        eos_ids = getattr(criteria, "eos_token_ids", None)  # None: not said, so EOS is the criteria's to see
-        ignore_eos = eos_ids is not None and not eos_ids
-        self._check(model, kwargs, ignore_eos)
-        ask_ignore_eos = ignore_eos or (eos_ids is None and model.dialect.returns_ids)
-        eos = eos_ids[0] if eos_ids else None
-        queues: list[queue.Queue] = [queue.Queue() for _ in prompts]
-        stop = [threading.Event() for _ in prompts]
+        rows = len(request.prompts)
+        eos = request.end_ids[0] if request.end_ids else None
+        queues: list[queue.Queue] = [queue.Queue() for _ in range(rows)]
+        stop = [threading.Event() for _ in range(rows)]
 
         def follow(row: int) -> None:
             text = StreamedText(model)  # where the server names no token ids
             named_any, finish = False, None
             try:
-                request = self._request(model, prompts[row], kwargs, True, ask_ignore_eos)
-                stream = model.client.completions.create(**request)
+                body = self._request(model, request.prompts[row], request.max_new_tokens[row], request.sampling, True)
+                stream = model.client.completions.create(**body)
                 with stream:
                     for chunk in stream:
                         for choice in chunk.choices:
@@ -390,7 +378,7 @@ class RemoteBackend(Backend):
         def steps() -> Iterator[list[Optional[int]]]:
             while not all(event.is_set() for event in stop):
                 step: list[Optional[int]] = []
-                for row in range(len(prompts)):
+                for row in range(rows):
                     token = None if stop[row].is_set() else queues[row].get()
                     if isinstance(token, Exception):
                         if isinstance(token, RunnerError):
@@ -401,28 +389,25 @@ class RemoteBackend(Backend):
                     step.append(token)
                 yield step
 
-        for row in range(len(prompts)):
+        for row in range(rows):
             threading.Thread(target=follow, args=(row,), daemon=True).start()
         try:
-            return follow_steps(steps(), len(prompts), criteria, pad, on_stop=lambda row: stop[row].set())
+            return follow_steps(steps(), rows, on_step, request.pad_token_id, on_stop=lambda row: stop[row].set())
         finally:
             for event in stop:
                 event.set()
 
-    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
-        if method == "forward":
-            raise RunnerError("device=remote returns tokens, not logits")
-        prompts = prompt_token_lists(inputs)
-        criteria = kwargs.pop("stopping_criteria", None)
-        pad = kwargs.get("pad_token_id")
-        pad = pad if pad is not None else model.tokenizer.pad_token_id or 0
-        if criteria is not None:
-            return generate_output(inputs["input_ids"], self._stream_rows(model, prompts, kwargs, criteria, pad), pad)
-        ignore_eos = "eos_token_id" in kwargs and kwargs["eos_token_id"] is None  # generate()'s "do not stop at EOS"
-        self._check(model, kwargs, ignore_eos)
+    def generate(self, model: Any, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
+        """Each row as its own request, ``max_concurrency`` at a time (streamed where ``on_step``
+        follows it); the server stops rows at EOS itself."""
+        self._check(model, request.sampling)
+        if on_step is not None:
+            return self._stream_rows(model, request, on_step)
         with ThreadPoolExecutor(max_workers=self.options.max_concurrency) as pool:
-            new = list(pool.map(lambda p: self._complete(model, p, kwargs, ignore_eos), prompts))
-        return generate_output(inputs["input_ids"], new, pad)
+            return list(pool.map(lambda row: self._complete(model, request, row), range(len(request.prompts))))
+
+    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+        raise RunnerError("device=remote runs rm_runner's requests (engines), not generate() keywords or logits")
 
     def cleanup(self) -> None:
         """Nothing to release: the server is not ours."""

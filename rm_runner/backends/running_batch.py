@@ -16,26 +16,21 @@ logprobs are taken from the raw logits, as vLLM's default ``raw_logprobs``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
 
 import torch
 
-from rm_runner.requests import TokenLogprob
+from rm_runner.requests import SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
 class RowSampling:
-    """How one row picks its tokens (``temperature`` None: greedy)."""
+    """How one row picks its tokens: its request's settings, and what is the row's own."""
 
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    # Tokens kept out until ``min_tokens`` tokens are made (EOS and stop ids, as vLLM's min_tokens).
-    min_tokens: int = 0
+    params: SamplingParams = SamplingParams()
+    seed: Optional[int] = None  # the row's generator's (row i of a request with n > 1: seed + i)
+    # Tokens kept out until ``params.min_tokens`` tokens are made (EOS and stop ids, as vLLM's min_tokens).
     banned_early: tuple[int, ...] = ()
     logprobs: Optional[int] = None  # alternatives per generated token; None: no logprobs
     prompt_logprobs: Optional[int] = None  # the same over the prompt
@@ -173,8 +168,8 @@ class RunningBatch:
         logprobs = torch.log_softmax(logits, dim=-1) if any(r.sampling.logprobs is not None for r in rows) else None
         tokens = []
         for i, row in enumerate(rows):
-            s = row.sampling
-            if s.repetition_penalty is not None or s.temperature is not None or row.made < s.min_tokens:
+            s, p = row.sampling, row.sampling.params
+            if p.repetition_penalty != 1 or not p.greedy or row.made < p.min_tokens:
                 chosen[i] = _pick(logits[i], row)
             token = Token(row.key, chosen[i])
             if s.logprobs is not None:
@@ -184,24 +179,24 @@ class RunningBatch:
 
 
 def _pick(logits: torch.Tensor, row: _Row) -> int:
-    s = row.sampling
+    s = row.sampling.params
     scores = logits.clone()
-    if s.repetition_penalty is not None:
+    if s.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(row.history)), device=scores.device)
         picked = scores[seen]
         scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
-    if row.made < s.min_tokens and s.banned_early:
-        scores[list(s.banned_early)] = float("-inf")
-    if s.temperature is None:
+    if row.made < s.min_tokens and row.sampling.banned_early:
+        scores[list(row.sampling.banned_early)] = float("-inf")
+    if s.greedy:
         return int(scores.argmax())
     scores = scores / s.temperature
     probs = torch.softmax(scores, dim=-1)
-    if s.min_p is not None:
+    if s.min_p:
         probs = torch.where(probs < s.min_p * probs.max(), 0.0, probs)
-    if s.top_k is not None and s.top_k < probs.numel():
+    if 0 < s.top_k < probs.numel():
         threshold = torch.topk(probs, s.top_k).values[-1]
         probs = torch.where(probs < threshold, 0.0, probs)
-    if s.top_p is not None and s.top_p < 1:
+    if s.top_p < 1:
         ordered, order = probs.sort(descending=True)
         cumulative = ordered.cumsum(0) / ordered.sum()
         drop = cumulative - ordered / ordered.sum() >= s.top_p  # keep the smallest set reaching top_p

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
-from rm_runner.backends import vllm_inprocess
-from rm_runner.backends.base import Backend
+from rm_runner.backends import hf_generate, vllm_inprocess
+from rm_runner.backends.base import Backend, OnStep
 from rm_runner.backends.vllm_inprocess import VLLMModel
 from rm_runner.errors import ConfigError, RunnerError
+from rm_runner.requests import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,21 @@ class TransformersTorchBackend(Backend):
 
         return DynamicCache(config=model.config)
 
+    def generate(self, model: Any, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
+        if isinstance(model, VLLMModel):
+            return vllm_inprocess.generate(model, request)
+        return super().generate(model, request, on_step)
+
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         """``model.generate(**inputs, **kwargs)`` (or the forward pass, for logits) under inference mode.
 
         ``seed`` seeds sampling.
         """
-        if isinstance(model, VLLMModel):
+        if isinstance(model, VLLMModel):  # transformers code (the hook) on in-process vLLM
             if method == "forward":
                 raise RunnerError(f"device={self.name} in vllm mode returns tokens, not logits; use device.mode=pytorch")
-            return vllm_inprocess.generate(model, inputs, kwargs)
+            request = hf_generate.request_of_call(inputs, kwargs, f"device={self.name} in vllm mode")
+            return hf_generate.as_sequences(inputs, vllm_inprocess.generate(model, request), request.pad_token_id)
         import torch
 
         seed = kwargs.pop("seed", None)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from rm_runner.config import GenerationConfig, LoadProfile
 from rm_runner.errors import RunnerError
-from rm_runner.requests import Request
+from rm_runner.requests import Request, SamplingParams
 
 
 def run(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
@@ -109,13 +109,9 @@ async def _run(base_url: str, model: str, api_key: str, requests: list[Request],
 
 async def _send(client: Any, model: str, request: Request, generation: GenerationConfig, began: float) -> dict[str, Any]:
     max_tokens = request.max_new_tokens or generation.max_new_tokens
-    sampling: dict[str, Any] = {"temperature": generation.temperature if generation.do_sample else 0.0,
-                                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
-    if generation.do_sample:
-        sampling.update(top_p=generation.top_p, seed=generation.seed)
-    extra: dict[str, Any] = {"ignore_eos": True} if generation.ignore_eos else {}
-    if generation.do_sample and generation.top_k:
-        extra["top_k"] = generation.top_k
+    own, extra = SamplingParams.from_generation(generation).openai_fields()
+    sampling: dict[str, Any] = {**own, "max_tokens": max_tokens, "stream": True,
+                                "stream_options": {"include_usage": True}}
     conversation = None if request.prompt_ids is not None else request.conversation()
     start = time.perf_counter()
     stamps: list[float] = []

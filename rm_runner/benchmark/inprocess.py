@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from rm_runner.config import GenerationConfig, LoadProfile
-from rm_runner.requests import Request
+from rm_runner.requests import Request, SamplingParams
 
 if TYPE_CHECKING:  # every engine is one (served ones too); imported for the type only
     from rm_runner.engines.local import LocalEngine
@@ -38,6 +38,7 @@ def run(engine: LocalEngine, requests: list[Request], generation: GenerationConf
     encoded = [engine.render(r) for r in requests]
     engine.check_lengths(requests, encoded, generation)
     timed = engine.streams()
+    sampling = SamplingParams.from_generation(generation)
     result = InProcessResult(records=[], duration_s=0.0)
     began = time.perf_counter()
     for first in range(0, len(requests), size):
@@ -59,7 +60,7 @@ def run(engine: LocalEngine, requests: list[Request], generation: GenerationConf
             result.measurement_s += time.perf_counter() - now
             return done
 
-        engine.generate_steps(ids, {**engine.generate_kwargs(generation), "max_new_tokens": max(limits)}, on_step)
+        engine.generate_steps(engine.request(ids, limits, sampling), on_step)
         finished = time.perf_counter()
         start = 0.0 if profile == LoadProfile.batch else sent - began
         for request, prompt, count, stamps in zip(batch, ids, counts, times):

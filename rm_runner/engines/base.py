@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Optional, Protocol
 
-from rm_runner.backends.base import Availability
+from rm_runner.backends.base import Availability, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.requests import Completion, Request
+from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
 
 
 class Executor(Protocol):
-    """What runs a padded batch for an engine: a device backend in-process, or a server's client.
-
-    An executor may also have ``streams(model) -> bool`` (see ``Backend.streams``); without it,
-    streamed requests get their tokens when the batch finishes.
-    """
+    """What runs a ``GenerationRequest`` for an engine: a device backend in this process, or a
+    server's client (Triton's, TorchServe's)."""
 
     def prepare_model(self, model: Any, model_config: Any) -> Any: ...
 
-    def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any: ...
+    def generate(self, model: Any, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
+        """Each row's new tokens; ``on_step`` is given only where ``streams`` (see ``Backend.generate``)."""
+        ...
+
+    def streams(self, model: Any) -> bool: ...
 
 
 class Engine(ABC):
@@ -57,11 +58,17 @@ class Engine(ABC):
     def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
         """Complete every request, in order."""
 
+    def request(self, prompts: list[list[int]], max_new_tokens: Any,
+                sampling: SamplingParams = SamplingParams()) -> GenerationRequest:
+        """A ``GenerationRequest`` for this engine's model (its EOS and pad ids filled in);
+        ``max_new_tokens`` one int for every row or one per row."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return GenerationRequest.of(prompts, max_new_tokens, sampling, self.eos_ids, pad)
+
     @abstractmethod
-    def generate_steps(self, ids: list[list[int]], kwargs: dict[str, Any],
-                       on_step: Callable[[list[int]], list[bool]]) -> None:
-        """The streaming form: generate for a batch of token-id prompts, handing each decoding
-        step's new token per row to ``on_step``, which answers which rows are finished."""
+    def generate_steps(self, request: GenerationRequest, on_step: OnStep) -> None:
+        """The streaming form: generate ``request``, handing each decoding step's new token per
+        row to ``on_step``, which answers which rows are finished."""
 
     def running_batch(self) -> Any:
         """A ``RunningBatch`` of the loaded model (rows that join and leave between decode steps:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from rm_runner.backends.base import Backend
+from rm_runner.backends.base import Backend, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import Engine, Executor
 from rm_runner.errors import ConfigError, RunnerError
-from rm_runner.requests import Completion, Request
+from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +75,12 @@ class LocalEngine(Engine):
         """Token ids of one request, through the chat template when it has one."""
         return render(self.tokenizer, request)
 
-    def generate_kwargs(self, generation: GenerationConfig) -> dict[str, Any]:
-        """Our generation section as Hugging Face ``generate()`` keywords."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": generation.max_new_tokens,
-            "do_sample": generation.do_sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "seed": generation.seed,
-        }
-        if generation.do_sample:
-            kwargs.update(temperature=generation.temperature, top_p=generation.top_p, top_k=generation.top_k)
-        else:  # unset sampling flags, or generate() warns that they are ignored
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if generation.ignore_eos:
-            kwargs["eos_token_id"] = None
-        return kwargs
-
     def infer(self, requests: list[Request], generation: GenerationConfig) -> list[Completion]:
         if not self.health():
             raise RunnerError(f"engine={self.name}: infer() before start() and load_model()")
         encoded = [self.render(r) for r in requests]
         self.check_lengths(requests, encoded, generation)
-        kwargs = self.generate_kwargs(generation)
+        sampling = SamplingParams.from_generation(generation)
         limits = [r.max_new_tokens or generation.max_new_tokens for r in requests]
         completions: list[Completion] = []
         # Counted in tokens, a decoding step at a time where the model runs here: one batch is
@@ -104,8 +88,8 @@ class LocalEngine(Engine):
         with tqdm(total=sum(limits), desc="generate", unit="tok", dynamic_ncols=True) as bar:
             for start in range(0, len(requests), self.batch_size):
                 end = start + self.batch_size
-                batch = self._run_batch(requests[start:end], encoded[start:end], limits[start:end], kwargs,
-                                        generation, bar)
+                batch = self._run_batch(requests[start:end], self.request(encoded[start:end], limits[start:end],
+                                                                          sampling), bar)
                 completions.extend(batch)
                 bar.total -= sum(limits[start:end]) - sum(c.output_tokens for c in batch)  # rows that ended early
                 bar.n = sum(c.output_tokens for c in completions)
@@ -143,72 +127,45 @@ class LocalEngine(Engine):
 
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (the executor says so)."""
-        streams = getattr(self.executor, "streams", None)
-        return streams is not None and streams(self.model)
+        return self.executor.streams(self.model)
 
-    def generate_steps(self, ids: list[list[int]], kwargs: dict[str, Any],
-                       on_step: Callable[[list[int]], list[bool]]) -> None:
-        """Generate for a batch of prompts, handing each decoding step's new token per row to ``on_step``.
+    def generate_steps(self, request: GenerationRequest, on_step: OnStep) -> None:
+        """Generate ``request``, handing each decoding step's new token per row to ``on_step``.
 
         ``on_step`` answers which rows are finished; generation ends when all are. This is the
-        streaming form of ``infer``: where the executor calls Hugging Face stopping criteria every
-        step (``executor.streams(model)``) tokens arrive as they are made and finished rows (EOS,
-        a stop string, a client that left) end early; elsewhere (a server's client) the finished
-        output is replayed step by step through the same callback.
-
-        Rows end through ``on_step``, not through ``generate()``'s own EOS check (``eos_token_id=None``);
-        the criteria name the EOS ids ``on_step`` stops at, so an executor that follows a server
-        (Triton, TorchServe) has the server end a row at EOS itself; none where ``kwargs`` ignore
-        EOS, or keep it out of the first ``min_new_tokens`` (a server may not know that rule, and
-        ``on_step`` still ends such rows, one step later on the server).
+        streaming form of ``infer``: where the executor streams (``executor.streams(model)``: it
+        calls ``on_step`` every step) tokens arrive as they are made and finished rows (EOS, a
+        stop string, a client that left) end early; elsewhere the finished output is replayed
+        step by step through the same callback.
         """
         if not self.health():
             raise RunnerError(f"engine={self.name}: generate_steps() before start() and load_model()")
-        inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
         if self.streams():
-            ignores_eos = "eos_token_id" in kwargs and kwargs["eos_token_id"] is None
-            eos = () if ignores_eos or kwargs.get("min_new_tokens") else self.eos_ids
-            criteria = _step_criteria(on_step, eos)
-            self.executor.execute(self.model, dict(inputs), stopping_criteria=criteria,
-                                  **{**kwargs, "eos_token_id": None})
+            self.executor.generate(self.model, request, on_step)
             return
-        output = self.executor.execute(self.model, dict(inputs), **kwargs)
-        sequences = getattr(output, "sequences", output)
-        rows = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        rows = self.executor.generate(self.model, request)
+        pad = request.pad_token_id
         for step in range(max((len(r) for r in rows), default=0)):
-            if all(on_step([r[step] if step < len(r) else self.tokenizer.pad_token_id for r in rows])):
+            if all(on_step([r[step] if step < len(r) else pad for r in rows])):
                 return
 
-    def _run_batch(self, batch: list[Request], ids: list[list[int]], limits: list[int], kwargs: dict[str, Any],
-                   generation: GenerationConfig, bar: Any) -> list[Completion]:
-        inputs = self.tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
-        extra: dict[str, Any] = {}
-        if self._counts_steps():
-            eos = set() if generation.ignore_eos else self.eos_ids
-            extra["stopping_criteria"] = _step_criteria(_TokenCounter(limits, eos, bar))
+    def _run_batch(self, batch: list[Request], request: GenerationRequest, bar: Any) -> list[Completion]:
+        counter = _TokenCounter(request, bar) if self._counts_steps() else None
         began = time.perf_counter()
-        output = self.executor.execute(self.model, dict(inputs), **{**kwargs, "max_new_tokens": max(limits)}, **extra)
+        rows = self.executor.generate(self.model, request, counter)
         latency = time.perf_counter() - began
-        sequences = getattr(output, "sequences", output)
-        width = inputs["input_ids"].shape[1]
+        ends = set(request.end_ids)
         results = []
-        for request, prompt_ids, row, limit in zip(batch, ids, sequences.tolist(), limits):
-            new = row[width:][:limit]
-            finish = "length"
-            if not generation.ignore_eos:
-                for i, tok in enumerate(new):
-                    if tok in self.eos_ids:
-                        new, finish = new[: i + 1], "stop"
-                        break
+        for asked, prompt_ids, new in zip(batch, request.prompts, rows):
             results.append(
                 Completion(
-                    id=request.id,
-                    prompt=request.asked(),
+                    id=asked.id,
+                    prompt=asked.asked(),
                     text=self.tokenizer.decode(new, skip_special_tokens=True),
                     token_ids=new,
                     prompt_tokens=len(prompt_ids),
                     output_tokens=len(new),
-                    finish_reason=finish,
+                    finish_reason="stop" if new and new[-1] in ends else "length",
                     latency_s=round(latency, 6),
                 )
             )
@@ -217,19 +174,22 @@ class LocalEngine(Engine):
 
 class _TokenCounter:
     """A progress bar's view of one batch: each step, the rows still running (not past their
-    own limit, no EOS yet) each made one token. Never stops a row."""
+    own limit, no end id yet) each made one token; a row is finished once it is past both."""
 
-    def __init__(self, limits: list[int], eos_ids: set[int], bar: Any) -> None:
-        self.left, self.eos_ids, self.bar = list(limits), eos_ids, bar
+    def __init__(self, request: GenerationRequest, bar: Any) -> None:
+        self.left, self.ends, self.bar = list(request.max_new_tokens), set(request.end_ids), bar
+        self.min_tokens, self.made = request.sampling.min_tokens, [0] * len(self.left)
 
     def __call__(self, tokens: list[int]) -> list[bool]:
         running = 0
         for row, token in enumerate(tokens):
             if self.left[row] > 0:
                 running += 1
-                self.left[row] = 0 if token in self.eos_ids else self.left[row] - 1
+                self.made[row] += 1
+                ended = token in self.ends and self.made[row] > self.min_tokens
+                self.left[row] = 0 if ended else self.left[row] - 1
         self.bar.update(running)
-        return [False] * len(tokens)
+        return [left == 0 for left in self.left]
 
 
 def render(tokenizer: Any, request: Request) -> list[int]:
@@ -246,23 +206,3 @@ def render(tokenizer: Any, request: Request) -> list[int]:
         )
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _step_criteria(on_step: Callable[[list[int]], list[bool]], eos_token_ids: set[int] | tuple[int, ...] = ()) -> Any:
-    """Hugging Face stopping criteria that report every step's tokens and stop rows on request.
-
-    ``eos_token_ids`` (the list's attribute of that name, sorted) are the tokens at which
-    ``on_step`` ends a row: a server's client sends them so that the server ends such rows itself,
-    at once, instead of waiting to be told.
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StepCallback(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            done = on_step(input_ids[:, -1].tolist())
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    criteria = StoppingCriteriaList([StepCallback()])
-    criteria.eos_token_ids = sorted(eos_token_ids)
-    return criteria

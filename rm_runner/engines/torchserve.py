@@ -14,16 +14,17 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import httpx
 
 from rm_runner import pyenv
-from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import follow_server_steps, generate_output
+from rm_runner.backends.base import Availability, Backend, OnStep
+from rm_runner.backends.server_steps import follow_server_steps
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
+from rm_runner.requests import GenerationRequest
 from rm_runner.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,10 @@ from rm_runner.engines.torchserve_handler import handle  # noqa: F401
 
 
 class TorchServeClient:
-    """The executor: one POST per padded batch to /predictions/NAME, ``generate()``'s sequences back;
-    a batch followed step by step is streamed (one JSON line per step, see the handler), with the
-    EOS ids its criteria stop at, and each row the criteria stop (a stop string, a client that
-    left) is marked in ``stop_dir`` for the handler to end it too (``StopFiles``)."""
+    """The executor: one POST per ``GenerationRequest`` (its JSON) to /predictions/NAME, each row's
+    new tokens back; a request followed step by step is streamed (one JSON line per step, see the
+    handler), and each row the caller finishes (a stop string, a client that left) is marked in
+    ``stop_dir`` for the handler to end it too (``StopFiles``)."""
 
     def __init__(self, url: str, timeout_s: float, stop_dir: Path | None = None) -> None:
         from rm_runner.engines.torchserve_handler import StopFiles
@@ -49,36 +50,28 @@ class TorchServeClient:
     def prepare_model(self, path: Any, config: Any) -> str:
         return self.url
 
-    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
-        import torch
-
-        if method == "forward":
-            raise EngineError("engine=torchserve returns tokens, not logits")
-        criteria = kwargs.pop("stopping_criteria", None)
-        mask = inputs.get("attention_mask")
-        body = {"input_ids": inputs["input_ids"].tolist(),
-                "attention_mask": (torch.ones_like(inputs["input_ids"]) if mask is None else mask).tolist(),
-                "generate": kwargs}
-        if criteria is not None:
-            return self._stream(inputs, body, criteria, kwargs.get("pad_token_id") or 0)
+    def generate(self, model: str, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
+        body = {"request": request.to_json()}
+        if on_step is not None:
+            return self._stream(request, body, on_step)
         response = self.http.post(self.url, json=body)
         if response.status_code != 200:
             raise EngineError(f"torchserve answered {response.status_code}: {response.text[:500]}")
-        return torch.tensor(response.json()["sequences"])
+        return response.json()["new_tokens"]
 
     def streams(self, model: Any) -> bool:
         return True
 
-    def _stream(self, inputs: dict[str, Any], body: dict[str, Any], criteria: Any, pad: int) -> Any:
-        stream, rows = uuid.uuid4().hex, len(body["input_ids"])
-        body = {**body, "stream": True, "stream_id": stream, "eos_token_ids": getattr(criteria, "eos_token_ids", [])}
+    def _stream(self, request: GenerationRequest, body: dict[str, Any], on_step: OnStep) -> list[list[int]]:
+        stream, rows = uuid.uuid4().hex, len(request.prompts)
+        body = {**body, "stream": True, "stream_id": stream}
         with self.http.stream("POST", self.url, json=body) as response:
             if response.status_code != 200:
                 raise EngineError(f"torchserve answered {response.status_code}: {response.read()[:500]!r}")
             lines = (json.loads(line) for line in response.iter_lines() if line.strip())
             steps = (line["tokens"] for line in lines if "tokens" in line)  # the last line is {"done": true}
-            new = follow_server_steps(steps, rows, criteria, pad, lambda ended: self._stop(stream, ended, rows))
-        return generate_output(inputs["input_ids"], new, pad)
+            return follow_server_steps(steps, rows, on_step, request.end_ids, request.pad_token_id,
+                                       lambda ended: self._stop(stream, ended, rows))
 
     def _stop(self, stream: str, ended: list[int], rows: int) -> None:
         """Mark rows of ``stream`` as ended for the handler; a failure is logged, not raised (the

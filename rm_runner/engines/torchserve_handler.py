@@ -1,14 +1,14 @@
 """TorchServe handler for ``engine=torchserve``: runs inside TorchServe's Python worker.
 
 It rebuilds the selected device's backend from ``spec.json`` (packed into the .mar by
-rm_runner), prepares the model on it, and answers each request, a JSON body with a
-left-padded batch of token ids and ``generate()`` keywords, with ``generate()``'s sequences.
+rm_runner), prepares the model on it, and answers each request, a JSON body holding a
+``GenerationRequest`` (``request``), with each row's new tokens.
 A request with ``"stream": true`` is answered step by step instead: one intermediate response
 (TorchServe's streaming, HTTP chunks) per decoding step with every row's new token, one JSON
 line each, then a final ``{"done": true}``.
 
 A streamed row ends on the server as soon as it ends for its client: at the EOS ids the request
-names (``eos_token_ids``), and when the client marks it stopped (a stop string, a client that
+names (unless it ignores EOS), and when the client marks it stopped (a stop string, a client that
 left) in the stop directory it shares with this handler (``StopFiles``): TorchServe tells a busy
 worker nothing, not even that the client closed the connection.
 """
@@ -84,59 +84,48 @@ class RMRunnerHandler:
         log.info("rm_runner handler ready: %s on %s", spec["model_path"], self.backend.name)
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
-        import torch
+        from rm_runner.requests import GenerationRequest
 
         answers = []
-        for request in data:
-            body = request.get("body") or request.get("data")
+        for item in data:
+            body = item.get("body") or item.get("data")
             if isinstance(body, (bytes, bytearray)):
                 body = json.loads(body)
-            inputs = {"input_ids": torch.tensor(body["input_ids"]), "attention_mask": torch.tensor(body["attention_mask"])}
+            request = GenerationRequest.from_json(body["request"])
             if body.get("stream"):
-                answers.append(self._stream(inputs, body, context))
+                answers.append(self._stream(request, body, context))
                 continue
-            output = self.backend.execute(self.model, inputs, **body["generate"])
-            answers.append({"sequences": getattr(output, "sequences", output).cpu().tolist()})
+            answers.append({"new_tokens": self.backend.generate(self.model, request)})
         return answers
 
-    def _stream(self, inputs: dict[str, Any], body: dict[str, Any], context: Any) -> dict[str, Any]:
-        """Generate a step at a time (see ``_stepper``): rows end at the request's EOS ids
-        (none: EOS ignored) or when the client stops them; the log says after how many steps."""
-        kwargs = {**body["generate"], "eos_token_id": body.get("eos_token_ids") or None}
+    def _stream(self, request: Any, body: dict[str, Any], context: Any) -> dict[str, Any]:
+        """Generate a step at a time, each step's tokens sent to the client as an intermediate
+        response: rows end at the request's EOS ids (unless it ignores EOS) or when the client
+        stops them; the log says after how many steps."""
+        from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
         stream = body.get("stream_id")
         stops = self.stops if stream else None
         if stops is not None:
             stops.clear(stream, others=True)  # what earlier streams left: a stop that came after their end
-        rows = len(body["input_ids"])
+        rows = len(request.prompts)
         ran = [0]
+
+        def on_step(tokens: list[int]) -> list[bool]:
+            ran[0] += 1
+            line = json.dumps({"tokens": tokens}) + "\n"
+            send_intermediate_predict_response([line], context.request_ids, "step", 200, context)
+            return stops.stopped(stream, rows) if stops is not None else [False] * rows
+
         try:
-            self.backend.execute(self.model, inputs, stopping_criteria=_stepper(context, stops, stream, rows, ran),
-                                 **kwargs)
+            self.backend.generate(self.model, request, on_step)
         finally:
             by_client = sum(stops.stopped(stream, rows)) if stops is not None else 0
             if stops is not None:
                 stops.clear(stream)
             log.info("stream %s: %d decoding steps for %d rows (max_new_tokens %s), %d ended by the client",
-                     stream, ran[0], rows, kwargs.get("max_new_tokens"), by_client)
+                     stream, ran[0], rows, max(request.max_new_tokens), by_client)
         return {"done": True}
-
-
-def _stepper(context: Any, stops: Optional[StopFiles], stream: Optional[str], rows: int, ran: list[int]) -> Any:
-    """Stopping criteria that send each step's tokens to the client as an intermediate response
-    and end the rows that ``stops`` say the client ended; ``ran[0]`` counts the steps."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from ts.protocol.otf_message_handler import send_intermediate_predict_response
-
-    class Step(StoppingCriteria):
-        def __call__(self, ids: Any, scores: Any, **kwargs: Any) -> Any:
-            ran[0] += 1
-            line = json.dumps({"tokens": ids[:, -1].tolist()}) + "\n"
-            send_intermediate_predict_response([line], context.request_ids, "step", 200, context)
-            ended = stops.stopped(stream, rows) if stops is not None and stream else [False] * rows
-            return torch.tensor(ended, dtype=torch.bool, device=ids.device)
-
-    return StoppingCriteriaList([Step()])
 
 
 _service = RMRunnerHandler()

@@ -15,25 +15,28 @@ import signal
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Optional
 
 from rm_runner import pyenv
-from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.hf_form import follow_server_steps, generate_output
+from rm_runner.backends.base import Availability, Backend, OnStep
+from rm_runner.backends.hf_generate import padded
+from rm_runner.backends.server_steps import follow_server_steps
 from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
 from rm_runner.engines.triton_vllm import TritonVLLMClient, vllm_backend_installed, write_model_repository
+from rm_runner.requests import GenerationRequest
 from rm_runner.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 class TritonClient:
-    """The executor: one Triton request per padded batch, ``generate()``-shaped sequences back; a
-    batch that is followed step by step goes to the decoupled ``<model>_stream`` over gRPC, with
-    the EOS ids its criteria stop at, and each row the criteria stop (a stop string, a client that
-    left) is ended on the server too, through ``<model>_stop`` (see ``triton_server``)."""
+    """The executor: one Triton request per ``GenerationRequest``, each row's new tokens back; a
+    request that is followed step by step goes to the decoupled ``<model>_stream`` over gRPC, and
+    each row the caller finishes (a stop string, a client that left) is ended on the server too,
+    through ``<model>_stop`` (see ``triton_server``)."""
 
     def __init__(self, url: str, model_name: str, timeout_s: float, grpc_url: str | None = None) -> None:
         import tritonclient.http as httpclient
@@ -55,66 +58,53 @@ class TritonClient:
         self.client.close()
 
     @staticmethod
-    def _arrays(inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The request's tensors: token ids, mask, and each generation parameter as a column."""
+    def _arrays(request: GenerationRequest) -> dict[str, Any]:
+        """The request as the Triton model's tensors: the prompts left-padded with their mask (a
+        batch's one shape), and per row its ``max_new_tokens``, its sampling (JSON) and the EOS
+        ids (-1 pads them; one column where there are none)."""
         import numpy as np
 
-        ids = inputs["input_ids"].cpu().numpy().astype(np.int64)
-        mask = inputs.get("attention_mask")
-        mask = np.ones_like(ids) if mask is None else mask.cpu().numpy().astype(np.int64)
-        params = {
-            "max_new_tokens": (np.int64, kwargs.get("max_new_tokens", 16)),
-            "do_sample": (np.bool_, bool(kwargs.get("do_sample"))),
-            "temperature": (np.float32, kwargs.get("temperature") or 0.0),
-            "top_p": (np.float32, kwargs.get("top_p") or 1.0),
-            "top_k": (np.int64, kwargs.get("top_k") or 0),
-            "seed": (np.int64, kwargs.get("seed") or 0),
-            "ignore_eos": (np.bool_, "eos_token_id" in kwargs and kwargs["eos_token_id"] is None),
-            "repetition_penalty": (np.float32, kwargs.get("repetition_penalty") or 1.0),
-            "min_p": (np.float32, kwargs.get("min_p") or 0.0),
-            "min_new_tokens": (np.int64, kwargs.get("min_new_tokens") or 0),
-        }
-        return {"input_ids": ids, "attention_mask": mask,
-                **{name: np.full((len(ids), 1), value, dtype=kind) for name, (kind, value) in params.items()}}
+        inputs = padded(request)
+        rows = len(request.prompts)
+        sampling = json.dumps(asdict(request.sampling), sort_keys=True).encode()
+        return {"input_ids": inputs["input_ids"].numpy().astype(np.int64),
+                "attention_mask": inputs["attention_mask"].numpy().astype(np.int64),
+                "max_new_tokens": np.array(request.max_new_tokens, dtype=np.int64)[:, None],
+                "sampling": np.full((rows, 1), sampling, dtype=np.object_),
+                "eos_ids": np.tile(np.array(list(request.eos_ids) or [-1], dtype=np.int64), (rows, 1))}
 
-    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
+    def generate(self, model: str, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
         import numpy as np
-        import torch
         import tritonclient.http as httpclient
 
-        if method == "forward":
-            raise EngineError("engine=triton returns tokens, not logits")
-        criteria = kwargs.pop("stopping_criteria", None)
-        arrays = self._arrays(inputs, kwargs)
-        if criteria is not None and self.grpc_url is not None:
-            return self._stream(inputs, arrays, criteria, kwargs.get("pad_token_id") or 0)
+        arrays = self._arrays(request)
+        if on_step is not None and self.grpc_url is not None:
+            return self._stream(request, arrays, on_step)
         tensors = []
         for name, array in arrays.items():
-            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.bool_): "BOOL"}[array.dtype]
+            datatype = {np.dtype(np.int64): "INT64", np.dtype(np.object_): "BYTES"}[array.dtype]
             tensor = httpclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        result = self.client.infer(self.model_name, tensors, outputs=[httpclient.InferRequestedOutput("sequences")])
-        return torch.from_numpy(result.as_numpy("sequences"))
+        result = self.client.infer(self.model_name, tensors, outputs=[httpclient.InferRequestedOutput("new_tokens")])
+        return [[t for t in row if t >= 0] for row in result.as_numpy("new_tokens").tolist()]
 
-    def _stream(self, inputs: dict[str, Any], arrays: dict[str, Any], criteria: Any, pad: int) -> Any:
-        """Follow the decoupled model's responses, one per step, until ``criteria`` stop every row;
-        the server ends the rows the criteria stop too (``follow_server_steps``)."""
+    def _stream(self, request: GenerationRequest, arrays: dict[str, Any], on_step: OnStep) -> list[list[int]]:
+        """Follow the decoupled model's responses, one per step, until ``on_step`` finishes every
+        row; the server ends the rows it finishes too (``follow_server_steps``)."""
         import numpy as np
         from pytriton.client import DecoupledModelClient
 
-        stream, rows = uuid.uuid4().hex, len(arrays["input_ids"])
-        eos = getattr(criteria, "eos_token_ids", None) or [-1]  # -1: none (a tensor needs a column)
-        arrays = {**arrays, "stream_id": np.full((rows, 1), stream.encode(), dtype=np.object_),
-                  "eos_token_ids": np.tile(np.array(eos, dtype=np.int64), (rows, 1))}
+        stream, rows = uuid.uuid4().hex, len(request.prompts)
+        arrays = {**arrays, "stream_id": np.full((rows, 1), stream.encode(), dtype=np.object_)}
         with DecoupledModelClient(self.grpc_url, f"{self.model_name}_stream", inference_timeout_s=self.timeout_s) as client:
             responses = client.infer_batch(**arrays)
             try:
-                new = follow_server_steps((r["tokens"][:, 0].tolist() for r in responses), rows, criteria, pad,
-                                          lambda ended: self.stop_rows(stream, ended))
+                return follow_server_steps((r["tokens"][:, 0].tolist() for r in responses), rows, on_step,
+                                           request.end_ids, request.pad_token_id,
+                                           lambda ended: self.stop_rows(stream, ended))
             finally:  # frees the client, whose close waits for the stream's end: the rows we stopped bring it
                 responses.close()
-        return generate_output(inputs["input_ids"], new, pad)
 
     def stop_rows(self, stream: str, rows: list[int]) -> None:
         """Have the server end ``rows`` of ``stream`` (``<model>_stop``); a failure is logged, not

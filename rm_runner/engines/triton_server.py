@@ -2,13 +2,14 @@
 
 ``python -m rm_runner.engines.triton_server SPEC.json`` builds the selected device's backend
 in this process, prepares the model on it, and binds it as a Triton model with dynamic
-batching (PyTriton bundles the tritonserver binary). Requests carry a left-padded batch of
-token ids and the generation parameters; the answer is ``generate()``'s sequences. A second,
+batching (PyTriton bundles the tritonserver binary). Requests carry a ``GenerationRequest``: a
+left-padded batch of token ids, and per row its max_new_tokens, its sampling settings (JSON) and
+the EOS ids; the answer is each row's new tokens (-1 pads them). A second,
 decoupled model (``<name>_stream``) answers the same request with one response per decoding
 step, each holding every row's new token (Triton's streaming, over gRPC). SIGINT stops it.
 
 A stream's rows end on the server as soon as they end for its client: at the EOS ids the request
-names (``eos_token_ids``), and where the client says so through a third model, ``<name>_stop``
+names (unless it ignores EOS), and where the client says so through a third model, ``<name>_stop``
 (``stream_id`` + ``rows``; -1 = all), for a stop string or a client that left. PyTriton 0.7 does
 not hand Triton's request cancellation to the model, so closing the gRPC stream alone would not.
 
@@ -33,31 +34,25 @@ import numpy as np
 
 log = logging.getLogger("rm_runner.triton_server")
 
-PARAMS = (("max_new_tokens", np.int64), ("do_sample", np.bool_), ("temperature", np.float32),
-          ("top_p", np.float32), ("top_k", np.int64), ("seed", np.int64), ("ignore_eos", np.bool_),
-          ("repetition_penalty", np.float32), ("min_p", np.float32), ("min_new_tokens", np.int64))
 ALL_ROWS = -1  # in a stop request: every row of the stream
 
 
-def hf_kwargs(values: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
-    """One request's parameters as ``generate()`` keywords (the inverse of the client's encoding)."""
-    kwargs: dict[str, Any] = {"max_new_tokens": int(values["max_new_tokens"]), "do_sample": bool(values["do_sample"]),
-                              "pad_token_id": pad_token_id, "seed": int(values["seed"])}
-    if kwargs["do_sample"]:
-        kwargs.update(temperature=float(values["temperature"]), top_p=float(values["top_p"]),
-                      top_k=int(values["top_k"]) or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if values["ignore_eos"]:
-        kwargs["eos_token_id"] = None
-    # Sent as their no-op values when not asked for (1.0, 0.0, 0); generate() gets them only when asked.
-    if float(values["repetition_penalty"]) != 1.0:
-        kwargs["repetition_penalty"] = float(values["repetition_penalty"])
-    if kwargs["do_sample"] and float(values["min_p"]) > 0:
-        kwargs["min_p"] = float(values["min_p"])
-    if int(values["min_new_tokens"]) > 0:
-        kwargs["min_new_tokens"] = int(values["min_new_tokens"])
-    return kwargs
+def requests_of(input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: np.ndarray, sampling: np.ndarray,
+                eos_ids: np.ndarray, pad_token_id: int) -> list[tuple[list[int], Any]]:
+    """The rows of a (dynamically merged) Triton batch as ``GenerationRequest``s, rows of equal
+    settings together: (row numbers, request) each. The inverse of ``TritonClient._arrays``."""
+    from rm_runner.requests import GenerationRequest, SamplingParams
+
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for row in range(len(input_ids)):
+        eos = tuple(sorted({int(t) for t in eos_ids[row] if t >= 0}))
+        groups.setdefault((_text(sampling[row, 0]), eos), []).append(row)
+    out = []
+    for (settings, eos), rows in groups.items():
+        prompts = [input_ids[r][attention_mask[r].astype(bool)].tolist() for r in rows]
+        out.append((rows, GenerationRequest.of(prompts, [int(max_new_tokens[r, 0]) for r in rows],
+                                               SamplingParams(**json.loads(settings)), eos, pad_token_id)))
+    return out
 
 
 class StreamStops:
@@ -122,23 +117,17 @@ class ModelThread:
 
 
 def make_infer(backend: Any, model: Any, pad_token_id: int, thread: ModelThread):
-    import torch
     from pytriton.decorators import batch
 
     @batch
-    def infer(input_ids: np.ndarray, attention_mask: np.ndarray, **params: np.ndarray) -> dict[str, np.ndarray]:
-        # Requests merged by the dynamic batcher may differ in parameters: one generate() per kind.
-        keys = [tuple(params[name][row, 0].item() for name, _ in PARAMS) for row in range(len(input_ids))]
-        outputs: list[list[int] | None] = [None] * len(input_ids)
-        for key in dict.fromkeys(keys):
-            rows = [i for i, k in enumerate(keys) if k == key]
-            kwargs = hf_kwargs(dict(zip((name for name, _ in PARAMS), key)), pad_token_id)
-            inputs = {"input_ids": torch.from_numpy(input_ids[rows]), "attention_mask": torch.from_numpy(attention_mask[rows])}
-            sequences = thread.run(lambda: backend.execute(model, inputs, **kwargs))
-            for row, seq in zip(rows, getattr(sequences, "sequences", sequences).cpu().tolist()):
-                outputs[row] = seq
-        width = max(len(o) for o in outputs)
-        return {"sequences": np.array([o + [pad_token_id] * (width - len(o)) for o in outputs], dtype=np.int64)}
+    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+        # Requests merged by the dynamic batcher may differ in settings: one generate() per kind.
+        outputs: list[list[int]] = [[] for _ in range(len(inputs["input_ids"]))]
+        for rows, request in requests_of(**inputs, pad_token_id=pad_token_id):
+            for row, tokens in zip(rows, thread.run(lambda: backend.generate(model, request))):
+                outputs[row] = tokens
+        width = max((len(o) for o in outputs), default=0)
+        return {"new_tokens": np.array([o + [-1] * (width - len(o)) for o in outputs], dtype=np.int64)}
 
     return infer
 
@@ -146,39 +135,34 @@ def make_infer(backend: Any, model: Any, pad_token_id: int, thread: ModelThread)
 def make_stream_infer(backend: Any, model: Any, pad_token_id: int, thread: ModelThread, stops: StreamStops):
     """The decoupled model: one response per decoding step, ``tokens`` = each row's new token.
 
-    A row ends at one of its ``eos_token_ids`` (-1 pads them) or once ``stops`` says its client
-    ended it; generation ends when every row has, and the log says after how many steps.
+    A row ends at its request's EOS ids or once ``stops`` says its client ended it; generation
+    ends when every row has, and the log says after how many steps.
     """
-    import torch
     from pytriton.decorators import batch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     @batch
-    def infer(input_ids: np.ndarray, attention_mask: np.ndarray, stream_id: np.ndarray, eos_token_ids: np.ndarray,
-              **params: np.ndarray):
-        kwargs = hf_kwargs({name: params[name][0, 0].item() for name, _ in PARAMS}, pad_token_id)
-        eos = sorted({int(t) for t in eos_token_ids[0] if t >= 0})
-        kwargs["eos_token_id"] = eos or None  # the client's EOS ids, none when it ignores EOS
-        inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    def infer(stream_id: np.ndarray, **inputs: np.ndarray):
+        (_, request), *more = requests_of(**inputs, pad_token_id=pad_token_id)
+        if more:
+            raise ValueError("a stream's rows share one sampling setting (one client request)")
         stream = _text(stream_id[0, 0])
-        rows = len(input_ids)
+        rows = len(request.prompts)
         steps: queue.Queue = queue.Queue()
         ran = [0]
 
-        class Step(StoppingCriteria):
-            def __call__(self, ids: Any, scores: Any, **kw: Any) -> Any:
-                ran[0] += 1
-                steps.put(ids[:, -1].cpu().numpy().astype(np.int64))
-                return torch.tensor(stops.stopped(stream, rows), dtype=torch.bool, device=ids.device)
+        def on_step(tokens: list[int]) -> list[bool]:
+            ran[0] += 1
+            steps.put(np.array(tokens, dtype=np.int64))
+            return stops.stopped(stream, rows)
 
         def generate() -> None:
             try:
-                backend.execute(model, inputs, stopping_criteria=StoppingCriteriaList([Step()]), **kwargs)
+                backend.generate(model, request, on_step)
             finally:
                 by_client = sum(stops.stopped(stream, rows))
                 stops.end(stream)
                 log.info("stream %s: %d decoding steps for %d rows (max_new_tokens %d), %d ended by the client",
-                         stream, ran[0], rows, kwargs["max_new_tokens"], by_client)
+                         stream, ran[0], rows, max(request.max_new_tokens), by_client)
 
         stops.start(stream)
         threading.Thread(target=lambda: _report(thread, generate, steps), daemon=True).start()
@@ -253,14 +237,15 @@ def main(spec_path: str) -> None:
                           exit_on_error=True, exit_timeout_secs=5)
     inputs = [Tensor(name="input_ids", dtype=np.int64, shape=(-1,)),
               Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
-              *(Tensor(name=name, dtype=dtype, shape=(1,)) for name, dtype in PARAMS)]
+              Tensor(name="max_new_tokens", dtype=np.int64, shape=(1,)),
+              Tensor(name="sampling", dtype=bytes, shape=(1,)),
+              Tensor(name="eos_ids", dtype=np.int64, shape=(-1,))]
     with Triton(config=config) as triton:
         # The streaming models first: the engine waits for the main model's readiness, and its
         # client streams only where <name>_stream is ready by then.
         if backend.streams(model):
             stops = StreamStops()
-            stream_inputs = [*inputs, Tensor(name="stream_id", dtype=bytes, shape=(1,)),
-                             Tensor(name="eos_token_ids", dtype=np.int64, shape=(-1,))]
+            stream_inputs = [*inputs, Tensor(name="stream_id", dtype=bytes, shape=(1,))]
             triton.bind(model_name=f"{spec['model_name']}_stop", infer_func=make_stop_infer(stops),
                         inputs=[Tensor(name="stream_id", dtype=bytes, shape=(1,)),
                                 Tensor(name="rows", dtype=np.int64, shape=(-1,))],
@@ -271,7 +256,7 @@ def main(spec_path: str) -> None:
                         outputs=[Tensor(name="tokens", dtype=np.int64, shape=(1,))],
                         config=ModelConfig(max_batch_size=spec["max_batch_size"], decoupled=True), strict=True)
         triton.bind(model_name=spec["model_name"], infer_func=make_infer(backend, model, pad, thread), inputs=inputs,
-                    outputs=[Tensor(name="sequences", dtype=np.int64, shape=(-1,))],
+                    outputs=[Tensor(name="new_tokens", dtype=np.int64, shape=(-1,))],
                     config=ModelConfig(max_batch_size=spec["max_batch_size"],
                                        batcher=DynamicBatcher(max_queue_delay_microseconds=spec["max_queue_delay_us"])),
                     strict=True)

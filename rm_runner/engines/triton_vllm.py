@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_runner.backends.base import VLLMServerSettings
-from rm_runner.backends.hf_form import generate_output, prompt_token_lists
+from rm_runner.requests import GenerationRequest
 from rm_runner.rundir import atomic_write_text
 
 BACKEND_DIRS = (Path("/opt/tritonserver/backends/vllm"),)
@@ -66,19 +66,9 @@ def write_model_repository(root: Path, model_name: str, settings: VLLMServerSett
     return root
 
 
-def sampling_parameters(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``generate()`` keywords as the vLLM backend's ``sampling_parameters`` JSON."""
-    params: dict[str, Any] = {"max_tokens": kwargs.get("max_new_tokens", 16), "seed": kwargs.get("seed")}
-    if kwargs.get("do_sample"):
-        params.update(temperature=kwargs.get("temperature") or 1.0, top_p=kwargs.get("top_p") or 1.0,
-                      top_k=kwargs.get("top_k") or 0)
-    else:
-        params["temperature"] = 0.0
-    if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
-        params["ignore_eos"] = True
-    params.update(repetition_penalty=kwargs.get("repetition_penalty"), min_tokens=kwargs.get("min_new_tokens"),
-                  min_p=kwargs.get("min_p") if kwargs.get("do_sample") else None)
-    return {k: v for k, v in params.items() if v is not None}
+def sampling_parameters(request: GenerationRequest, row: int) -> dict[str, Any]:
+    """Row ``row``'s settings as the vLLM backend's ``sampling_parameters`` JSON (vLLM's names)."""
+    return {"max_tokens": request.max_new_tokens[row], **request.sampling.changed()}
 
 
 class TritonVLLMClient:
@@ -113,11 +103,11 @@ class TritonVLLMClient:
         text = result.as_numpy("text_output")[0].decode()
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def execute(self, model: str, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
-        params = sampling_parameters(kwargs)
-        new = [self._complete(ids, params) for ids in prompt_token_lists(inputs)]
-        pad = kwargs.get("pad_token_id")
-        return generate_output(inputs["input_ids"], new, pad if pad is not None else self.tokenizer.pad_token_id or 0)
+    def generate(self, model: str, request: GenerationRequest, on_step: Any = None) -> list[list[int]]:
+        return [self._complete(list(ids), sampling_parameters(request, row)) for row, ids in enumerate(request.prompts)]
+
+    def streams(self, model: Any) -> bool:
+        return False
 
     def close(self) -> None:
         self.client.close()

@@ -36,13 +36,13 @@ from rm_runner.config import GenerationConfig, ServerConfig
 from rm_runner.engines.local import render
 from rm_runner.errors import ConfigError
 from rm_runner.requests import Request as PromptRequest
-from rm_runner.requests import TokenLogprob
-from rm_runner.server.batcher import Job, QueueFull, Sampling, ShuttingDown
+from rm_runner.requests import SAMPLING_EPS, SamplingParams, TokenLogprob
+from rm_runner.server.batcher import Job, QueueFull, ShuttingDown
 from rm_runner.server.continuous import batcher_for
 from rm_runner.server.choice import Ending
 from rm_runner.server.metrics import ServerMetrics
 from rm_runner.server.schemas import (
-    EXTENSIONS, SAMPLING_EPS, SEED_MAX, SEED_MIN, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+    EXTENSIONS, SEED_MAX, SEED_MIN, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
     SamplingRequest, TokenizeChatRequest, TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse,
     TokenizerInfoResponse, conversation, error_body, new_id, now, usage,
@@ -428,19 +428,18 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                    emit=emit, stream=bool(body.stream),
                    logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def sampling(body: SamplingRequest) -> Sampling:
-        """The generate() settings; no-op values left out (None), so that more requests share a batch."""
-        defaults = served.defaults
-        # A temperature under SAMPLING_EPS is greedy, as in vLLM: dividing logits by it overflows.
-        do_sample = defaults.do_sample if body.temperature is None else body.temperature >= SAMPLING_EPS
-        penalty = body.repetition_penalty if body.repetition_penalty != 1 else None
-        if not do_sample:
-            return Sampling(False, None, None, None, None, body.ignore_eos, repetition_penalty=penalty,
-                            min_tokens=body.min_tokens)
-        top_k = defaults.top_k if body.top_k is None else (body.top_k if body.top_k > 0 else None)
-        return Sampling(True, body.temperature or defaults.temperature,
-                        body.top_p if body.top_p is not None else defaults.top_p, top_k, body.seed, body.ignore_eos,
-                        repetition_penalty=penalty, min_p=body.min_p or None, min_tokens=body.min_tokens)
+    def sampling(body: SamplingRequest) -> SamplingParams:
+        """The request's settings, the server's ``generation`` defaults for what it leaves out."""
+        defaults = SamplingParams.from_generation(served.defaults)
+        if body.temperature is not None and body.temperature < SAMPLING_EPS:
+            defaults = SamplingParams()  # greedy, as in vLLM: dividing logits by it overflows
+        return SamplingParams(
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            top_k=defaults.top_k if body.top_k is None else max(body.top_k, 0),
+            min_p=body.min_p or 0.0, repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed, ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens)
 
     async def respond(body: SamplingRequest, request: Request, ids: list[list[int]], chat: bool,
                       echoed: Optional[list[str]] = None) -> Response:

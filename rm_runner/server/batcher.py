@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from rm_runner.requests import TokenLogprob
+from rm_runner.requests import SamplingParams, TokenLogprob
 from rm_runner.server.choice import Choice, Ending
 
 log = logging.getLogger(__name__)
@@ -32,39 +32,6 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is stopping and takes no new requests (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What must be equal for requests to share one ``generate()`` call: everything that becomes
-    one of its keywords, which hold for the whole batch."""
-
-    do_sample: bool
-    temperature: Optional[float]
-    top_p: Optional[float]
-    top_k: Optional[int]
-    seed: Optional[int]
-    ignore_eos: bool
-    repetition_penalty: Optional[float] = None
-    min_p: Optional[float] = None
-    min_tokens: int = 0
-
-    def generate_kwargs(self, max_new_tokens: int, pad_token_id: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": self.do_sample,
-                                  "pad_token_id": pad_token_id, "seed": self.seed,
-                                  "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        if self.ignore_eos:
-            kwargs["eos_token_id"] = None
-        # Only when asked for, so engines that take a fixed set of keywords see the usual ones.
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.min_p is not None:
-            kwargs["min_p"] = self.min_p
-        if self.min_tokens:
-            # generate() keeps EOS out of the first tokens where it knows EOS; where it does not (a
-            # stepping engine ends rows itself) the choice does not stop on EOS before min_tokens.
-            kwargs["min_new_tokens"] = self.min_tokens
-        return kwargs
 
 
 # What a job tells its handler, from the model's thread: ("delta", index, (text, token_ids,
@@ -81,7 +48,7 @@ class Job:
     prompts: list[list[int]]
     n: int
     max_tokens: int
-    sampling: Sampling
+    sampling: SamplingParams
     emit: Callable[[Event], None]
     ending: Ending = Ending()
     # vLLM's logprobs: for each generated token its log-probability and this many alternatives
@@ -236,12 +203,14 @@ class DynamicBatcher:
         engine = self.engine
         rows: list[tuple[Job, int, Choice]] = []
         ids: list[list[int]] = []
+        limits: list[int] = []
         for job in batch:
             job.choices = [Choice(engine.tokenizer, engine.eos_ids, job.max_tokens, job.ending)
                            for _ in range(job.rows)]
             for index, choice in enumerate(job.choices):
                 rows.append((job, index, choice))
                 ids.append(job.prompts[index // job.n])
+                limits.append(job.max_tokens)
         self.stats.batches += 1
         self.stats.rows += len(rows)
         self.on_batch(len(rows))
@@ -253,8 +222,7 @@ class DynamicBatcher:
                 deliver(job, index, choice, token, now)
             return [choice.finished for _, _, choice in rows]
 
-        kwargs = batch[0].sampling.generate_kwargs(max(j.max_tokens for j in batch), engine.tokenizer.pad_token_id)
-        engine.generate_steps(ids, kwargs, on_step)
+        engine.generate_steps(engine.request(ids, limits, batch[0].sampling), on_step)
         for job, index, choice in rows:  # rows the engine ended (its own limit) without us
             if not choice.finished:
                 delta = choice.finish("length")

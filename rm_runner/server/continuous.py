@@ -143,18 +143,8 @@ def row_sampling(job: Job, index: int, eos_ids: set[int]) -> RowSampling:
 
     s, ending = job.sampling, job.ending
     banned = tuple(sorted(set(ending.stop_token_ids) | (set() if ending.ignore_eos else set(eos_ids))))
-    return RowSampling(
-        temperature=s.temperature if s.do_sample else None,
-        top_p=s.top_p if s.do_sample else None,
-        top_k=s.top_k if s.do_sample else None,
-        min_p=s.min_p if s.do_sample else None,
-        repetition_penalty=s.repetition_penalty,
-        seed=None if s.seed is None else s.seed + index % job.n,
-        min_tokens=ending.min_tokens,
-        banned_early=banned,
-        logprobs=job.logprobs,
-        prompt_logprobs=job.prompt_logprobs,
-    )
+    return RowSampling(params=s, seed=None if s.seed is None else s.seed + index % job.n, banned_early=banned,
+                       logprobs=job.logprobs, prompt_logprobs=job.prompt_logprobs)
 
 
 def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], None],

@@ -32,8 +32,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 
 # vLLM's bounds for a seed (a 64-bit signed integer, what torch.manual_seed and engines take).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-# Below this a temperature is greedy decoding, as in vLLM (dividing logits by 1e-45 overflows).
-SAMPLING_EPS = 1e-5
 
 # The vLLM request extensions this server honours: unknown fields when server.openai_extensions=false.
 EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
