@@ -34,9 +34,35 @@ def test_requests_get_their_own_timeout_not_the_startup_one() -> None:
 
     cfg = compose_run("engine=vllm", "engine.startup_timeout_s=900", "engine.request_timeout_s=7")
     engine = build("engine", cfg.engine, backend=build("device", cfg.device))
+    from rm_runner.engines.openai_client import openai_client
+
     client = engine.client("http://127.0.0.1:9/v1")
-    assert client.options.timeout_s == 7 and client._client().timeout == 7
-    assert client.options.openai_extensions is True and engine.startup_timeout_s == 900
+    assert client.endpoint.timeout_s == 7 and openai_client(client.endpoint).timeout == 7
+    assert client.endpoint.openai_extensions is True and engine.startup_timeout_s == 900
+
+
+def test_each_device_reaches_vllm_through_its_adapter_and_two_for_one_device_are_refused(monkeypatch) -> None:
+    """vLLM's server settings come from the adapter registered for the device (an entry point, as
+    vLLM's platform plugins), not from the backend; a device with none is one vLLM does not run."""
+    from importlib.metadata import EntryPoint
+
+    from rm_runner.backends.cpu import CPUBackend
+    from rm_runner.config import ModelConfig
+    from rm_runner.engines import vllm_devices
+    from rm_runner.errors import ConfigError
+
+    settings = vllm_devices.server_settings(CPUBackend(kv_cache_space_gib=3), "/m", ModelConfig(name="m", source=None),
+                                            "engine=vllm")
+    assert settings.args == ["--dtype", "float32", "--enforce-eager"] and settings.env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    with pytest.raises(ConfigError, match="engine=vllm does not support device=remote: vLLM does not run it"):
+        from rm_runner.backends.remote import RemoteBackend
+
+        vllm_devices.server_settings(RemoteBackend(), "/m", ModelConfig(name="m", source=None), "engine=vllm")
+    claims = [EntryPoint("cpu", "rm_runner.engines.vllm_devices:CPUVLLM", vllm_devices.GROUP),
+              EntryPoint("cpu", "someone_else:CPUVLLM", vllm_devices.GROUP)]
+    monkeypatch.setattr(vllm_devices, "entry_points", lambda group: claims)
+    with pytest.raises(ConfigError, match=r"two vLLM adapters are registered for device=cpu .*someone_else:CPUVLLM"):
+        vllm_devices.vllm_device("cpu")
 
 
 def test_a_request_timeout_that_is_not_positive_is_refused_by_name() -> None:

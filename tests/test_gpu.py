@@ -14,6 +14,7 @@ import torch
 
 from rm_runner.backends.gpu import GPUBackend
 from rm_runner.config import Dtype, ModelConfig
+from rm_runner.engines.vllm_devices import GPUVLLM
 from rm_runner.errors import ConfigError
 from tests.conftest import cli, token_ids
 
@@ -38,7 +39,7 @@ def test_vllm_server_runs_on_the_chosen_gpus(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,GPU-6f2a")  # device_id counts within it, as cuda:N does
 
     def env(**options) -> dict[str, str]:
-        return GPUBackend(**options).vllm_server_settings("/models/m", MODEL).env
+        return GPUVLLM().settings(GPUBackend(**options), "/models/m", MODEL).env
 
     assert env() == {"CUDA_VISIBLE_DEVICES": "3"}
     assert env(device_id=1) == {"CUDA_VISIBLE_DEVICES": "5"}

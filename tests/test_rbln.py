@@ -20,6 +20,7 @@ import pytest
 
 from rm_runner.backends import rbln, rbln_compile_cache
 from rm_runner.backends.rbln import CompiledBatches, RBLNBackend, RBLNOptions, smi_rows
+from rm_runner.engines.vllm_devices import RBLNVLLM, vllm_device
 from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.models.tiny_random import TinyRandom
 
@@ -219,12 +220,12 @@ def compiled_folder(tmp_path: Path, **config) -> Path:
 def test_vllm_rbln_gets_the_compiled_shapes_and_its_device_variable(tmp_path: Path, monkeypatch) -> None:
     folder = compiled_folder(tmp_path)
     backend = RBLNBackend(batch_size=1, device=[2, 3], num_devices=2)  # the folder, not the options, decides
-    settings = backend.vllm_server_settings(folder, model_config())
+    settings = RBLNVLLM().settings(backend, folder, model_config())
     assert settings.model == folder
     assert settings.args == ["--max-num-seqs", "4", "--max-model-len", "1024", "--block-size", "1024"]
     assert settings.env == {"RBLN_VISIBLE_DEVICES": "2,3"}  # vllm-rbln 0.12 deprecates RBLN_DEVICES
     assert backend.describe()["cache"] == "precompiled"
-    assert rbln.VLLM_SERVER_MODULES == RBLNBackend.vllm_server_modules == ("vllm", "vllm_rbln")
+    assert vllm_device("rbln").modules == ("vllm", "vllm_rbln")  # the server imports the platform plugin too
     monkeypatch.delenv("RBLN_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(rbln, "_installed", lambda module: module == "vllm_rbln")
     RBLNBackend(mode="vllm", device=[1]).initialize()
@@ -234,7 +235,7 @@ def test_vllm_rbln_gets_the_compiled_shapes_and_its_device_variable(tmp_path: Pa
 def test_engine_vllm_names_the_missing_compiler_in_this_process(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(rbln, "_installed", lambda module: False)
     with pytest.raises(RunnerError, match="compiles the model in this process .* optimum-rbln is not installed here"):
-        RBLNBackend().vllm_server_settings(copy_model(tmp_path), model_config())
+        RBLNVLLM().settings(RBLNBackend(), copy_model(tmp_path), model_config())
 
 
 def test_auto_dtype_is_keyed_by_what_the_checkpoint_loads_in(rebel, tmp_path: Path, monkeypatch) -> None:

@@ -187,10 +187,10 @@ def test_streamed_text_hands_out_the_tokenization_of_the_joined_text(model: str)
     """Fragments tokenized alone give other ids (a word split over fragments, a character split
     over tokens, a server's ids that are not the canonical ones); joined, the row's ids are the
     tokenization of its whole text, most of them handed out while the text still streams."""
-    from rm_runner.backends.remote import RemoteModel, StreamedText
+    from rm_runner.engines.openai_client import ServedModel, StreamedText
 
     tokenizer = tokenizer_of(model)
-    handle = RemoteModel(client=None, served_name=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id)
+    handle = ServedModel(client=None, served_name=model, tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id)
     texts = TEXTS if model == "smollm2" else ["the city of Paris . is it France ?", "the capital , water ! ok"]
     alone_differs = False
     for text in texts:

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from rm_runner.backends.base import VLLMServerSettings
 from rm_runner.backends.cpu import CPUBackend
 from rm_runner.backends.gpu import GPUBackend
 from rm_runner.config import Dtype, ModelConfig
 from rm_runner.engines.triton_vllm import engine_args, sampling_parameters, vllm_backend_installed, write_model_repository
+from rm_runner.engines.vllm_devices import CPUVLLM, GPUVLLM, VLLMServerSettings
 from rm_runner.requests import GenerationRequest, SamplingParams
 from tests.conftest import cli
 
 
 def test_device_settings_become_vllm_engine_arguments(tmp_path: Path) -> None:
     config = ModelConfig(name="m", source=None, dtype=Dtype.bfloat16, max_model_len=4096)
-    gpu = GPUBackend(tensor_parallel_size=2, gpu_memory_utilization=0.85).vllm_server_settings(tmp_path, config)
+    gpu = GPUVLLM().settings(GPUBackend(tensor_parallel_size=2, gpu_memory_utilization=0.85), tmp_path, config)
     assert engine_args(gpu, 4096) == {"model": str(tmp_path), "disable_log_requests": True, "max_model_len": 4096,
                                       "dtype": "bfloat16", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}
-    cpu = CPUBackend().vllm_server_settings(tmp_path, ModelConfig(name="m", source=None))
+    cpu = CPUVLLM().settings(CPUBackend(), tmp_path, ModelConfig(name="m", source=None))
     assert engine_args(cpu, 2048)["enforce_eager"] is True and engine_args(cpu, 2048)["dtype"] == "float32"
 
 

@@ -8,7 +8,7 @@ Hugging Face-form inputs and keywords (``execute``), so it does not change from 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from rm_runner.config import check_options
@@ -55,13 +55,20 @@ class Availability:
         return f"device={device} is not available here: {self.describe()}"
 
 
-@dataclass
-class VLLMServerSettings:
-    """What a device adds to a vLLM server it does not run itself: model folder, flags, environment."""
+@dataclass(frozen=True)
+class OpenAIEndpoint:
+    """Where an OpenAI-compatible server listens and how it is talked to: a device that is such a
+    server (``Backend.endpoint``), or the server an engine started. Engines' OpenAI client
+    (``engines/openai_client.py``) takes it; ``section`` is where these are set, for errors."""
 
-    model: Any
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    base_url: str
+    model: Optional[str] = None  # the served model name; None: the first one the server lists
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never the key)
+    timeout_s: float = 120.0
+    max_concurrency: int = 8
+    openai_extensions: Any = "auto"  # vLLM's request fields: "auto" (ask the server), True or False
+    token_prompts: Any = "auto"  # prompts as token ids: "auto", True or False (text)
+    section: str = "device"
 
 
 @dataclass
@@ -81,10 +88,6 @@ class Backend(ABC):
     # must set it (the registry refuses one without it: registry.py says why there is no default).
     priority: ClassVar[int]
     options_class: ClassVar[type] = BackendOptions
-    # How to get a vLLM that serves this device (engine=vllm); "" when vLLM cannot.
-    vllm_install: ClassVar[str] = ""
-    # The modules the interpreter of a vLLM server for this device imports (engine=vllm).
-    vllm_server_modules: ClassVar[tuple[str, ...]] = ("vllm",)
     # The distributions this backend runs on; the doctor shows their installed versions.
     packages: ClassVar[tuple[str, ...]] = ()
 
@@ -140,6 +143,11 @@ class Backend(ABC):
         served tokens reach clients as they are made."""
         return False
 
+    def endpoint(self) -> Optional[OpenAIEndpoint]:
+        """Where the device is reached, for a device that is an OpenAI-compatible server (engines
+        then talk to it through their client instead of preparing a model here); None for the rest."""
+        return None
+
     def running_batch(self, model: Any) -> Any:
         """A ``running_batch.RunningBatch`` over ``model`` (continuous batching), or None where the
         device runs whole ``generate()`` batches only (compiled batch shapes, a server)."""
@@ -158,12 +166,6 @@ class Backend(ABC):
     @abstractmethod
     def cleanup(self) -> None:
         """Release the device; safe to call twice."""
-
-    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
-        """How a vLLM server runs this device (``engine=vllm``); devices vLLM cannot drive say so."""
-        from rm_runner.errors import ConfigError
-
-        raise ConfigError(f"engine=vllm does not support device={self.name}")
 
     def target_config(self) -> dict[str, Any]:
         """A `_target_` config that rebuilds this backend in another process (a server's)."""

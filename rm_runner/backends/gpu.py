@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from rm_runner.backends.base import Availability, BackendOptions, VLLMServerSettings, tool_output
+from rm_runner.backends.base import Availability, BackendOptions, tool_output
 from rm_runner.backends.transformers_torch import TransformersTorchBackend
 from rm_runner.errors import ConfigError
 
@@ -50,7 +50,6 @@ class GPUBackend(TransformersTorchBackend):
     priority = 300
     options_class = GPUOptions
     packages = ("torch", "transformers", "vllm")
-    vllm_install = "on a CUDA host: pip install 'rm-runner[gpu]'"
     supported_dtypes = ("bfloat16", "float16", "float32")
     default_dtype = "bfloat16"
 
@@ -136,15 +135,6 @@ class GPUBackend(TransformersTorchBackend):
             "gpu_memory_utilization": self.options.gpu_memory_utilization,
             "enforce_eager": self.options.enforce_eager,
         }
-
-    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
-        args = ["--dtype", self.dtype_name(model_config.dtype),
-                "--tensor-parallel-size", str(self.options.tensor_parallel_size),
-                "--gpu-memory-utilization", str(self.options.gpu_memory_utilization)]
-        if self.options.enforce_eager:
-            args.append("--enforce-eager")
-        return VLLMServerSettings(model=model_path, args=args,
-                                  env={"CUDA_VISIBLE_DEVICES": self.cuda_visible_devices()})
 
     def generate_defaults(self, model: Any, inputs: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         if not self.options.static_cache or self.caller_manages_cache(kwargs):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner.backends import hf_generate, vllm_inprocess
-from rm_runner.backends.base import Availability, Backend, BackendOptions, OnStep, VLLMServerSettings, tool_output
+from rm_runner.backends.base import Availability, Backend, BackendOptions, OnStep, tool_output
 from rm_runner.backends.rbln_compile_cache import COMPILED_MARKER, compiled_model_dir, is_compiled
 from rm_runner.backends.vllm_inprocess import VLLMModel
 from rm_runner.errors import ConfigError, RunnerError
@@ -48,9 +48,6 @@ INSTALL_VLLM_RBLN = ("pip install 'vllm-rbln>=0.12,<0.13' --extra-index-url http
 INSTALL_COMPILER = ("pip install --extra-index-url https://pypi.rbln.ai/simple 'rebel-compiler>=0.12,<0.13' "
                     "(Rebellions' index, not PyPI; needs an RBLN Portal account)")
 CHECK_NPUS = "check the NPUs and the driver with `rbln-smi`"
-# The vLLM server of `engine=vllm device=rbln` imports both: vllm, and the platform plugin that
-# the `vllm.platform_plugins` entry point `rbln = vllm_rbln:register` names.
-VLLM_SERVER_MODULES = ("vllm", "vllm_rbln")
 
 # rm_runner's device options, by the optimum-rbln name an SDK error message uses for them.
 _OPTION_NAMES = {
@@ -172,8 +169,6 @@ class RBLNBackend(Backend):
     priority = 400
     options_class = RBLNOptions
     packages = ("optimum-rbln", "rebel-compiler", "vllm-rbln")
-    vllm_install = INSTALL_VLLM_RBLN
-    vllm_server_modules = VLLM_SERVER_MODULES
 
     @classmethod
     def hardware(cls) -> list[str]:
@@ -306,7 +301,7 @@ class RBLNBackend(Backend):
         self.report.update(report, npu=npu)
         return folder
 
-    def _compiled(self, folder: Path) -> dict[str, Any]:
+    def compiled(self, folder: Path) -> dict[str, Any]:
         """The compiled shapes, recorded for the run directory and used by vLLM's flags."""
         config = compiled_config(folder)
         shapes = {k: config.get(k) for k in ("batch_size", "decoder_batch_sizes", "max_seq_len",
@@ -323,31 +318,9 @@ class RBLNBackend(Backend):
             return compiled, "the compiled max_seq_len (device.max_seq_len)"
         return model_config.max_model_len, "model.max_model_len"
 
-    def vllm_server_settings(self, model_path: Any, model_config: Any) -> VLLMServerSettings:
-        """vllm-rbln serves the compiled folder, compiled here first (or taken from the cache).
-
-        vllm-rbln 0.12 takes a compiled folder on its optimum path and resets max-num-seqs,
-        max-model-len, block size and dtype from its ``rbln_config.json``
-        (``utils/optimum/converter/from_optimum.py``); the flags say the same, so the server's
-        log and rm_runner's record agree.
-        """
-        path = Path(model_path if isinstance(model_path, (str, Path)) else model_path.name_or_path)
-        if not is_compiled(path) and not _installed("optimum.rbln"):
-            raise RunnerError(
-                "engine=vllm device=rbln compiles the model in this process before the server starts, "
-                f"and optimum-rbln is not installed here ({INSTALL_OPTIMUM}); or pass a folder compiled "
-                "with optimum-rbln as model.source.path"
-            )
-        folder = self.compiled_dir(path, model_config)
-        compiled = self._compiled(folder)
-        args = ["--max-num-seqs", str(compiled["batch_size"]), "--max-model-len", str(compiled["max_seq_len"]),
-                "--block-size", str(compiled["kvcache_block_size"])]
-        env = {"RBLN_VISIBLE_DEVICES": ",".join(map(str, self.options.device))} if self.options.device else {}
-        return VLLMServerSettings(model=folder, args=args, env=env)
-
     def prepare_model(self, model: Any, model_config: Any) -> Any:
         folder = self.compiled_dir(model, model_config)
-        compiled = self._compiled(folder)
+        compiled = self.compiled(folder)
         if self.resolved_mode() == RBLNMode.vllm:
             return vllm_inprocess.load(
                 folder, model_config, "auto", max_num_seqs=compiled["batch_size"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 from rm_runner.backends.base import Availability, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
@@ -22,6 +22,15 @@ class Executor(Protocol):
         ...
 
     def streams(self, model: Any) -> bool: ...
+
+
+@runtime_checkable
+class ServerClient(Executor, Protocol):
+    """An executor that reaches a server (Triton's, TorchServe's, an OpenAI-compatible one's client)."""
+
+    def close(self) -> None:
+        """Let go of open connections (some servers wait for them before they exit)."""
+        ...
 
 
 class Engine(ABC):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from rm_runner.backends.base import Backend, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import Engine, Executor
+from rm_runner.engines.openai_client import OpenAIClient
 from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 class LocalEngine(Engine):
     """Renders and batches requests itself and hands each batch to an executor backend.
 
-    Here the executor is the device's backend, in this process; a served engine keeps all of
-    this and swaps in a client of its server as the executor.
+    The executor is the device's backend, in this process, or the OpenAI client where the device
+    is a server (``Backend.endpoint``); a served engine keeps all of this and makes a client of
+    the server it started its executor.
     """
 
     name = "local"
@@ -31,7 +33,9 @@ class LocalEngine(Engine):
         if batch_size < 1:
             raise ConfigError(f"engine.batch_size must be >= 1, got {batch_size}")
         self.backend = backend
-        self.executor: Executor = backend
+        endpoint = backend.endpoint()
+        # The device runs requests in this process, or it is a server reached through the OpenAI client.
+        self.executor: Executor = OpenAIClient(endpoint) if endpoint is not None else backend
         self.batch_size = batch_size
         self.model: Any = None
         self.tokenizer: Any = None
@@ -41,7 +45,10 @@ class LocalEngine(Engine):
         self._started = False
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "batch_size": self.batch_size, "backend": self.backend.describe()}
+        backend = self.backend.describe()
+        if isinstance(self.executor, OpenAIClient) and self.executor.dialect is not None:
+            backend["server"] = self.executor.describe()  # what the server was found to take
+        return {"name": self.name, "batch_size": self.batch_size, "backend": backend}
 
     def start(self) -> None:
         self.backend.initialize()
@@ -97,10 +104,10 @@ class LocalEngine(Engine):
         return completions
 
     def _counts_steps(self) -> bool:
-        """The model runs in this process and calls stopping criteria every step, so counting
+        """The model runs in this process and calls the step callback every step, so counting
         tokens as they are made costs a callback and changes nothing else (a server's client
         would have to switch to streamed requests for it)."""
-        return self.executor is self.backend and self.openai_endpoint() is None and self.streams()
+        return self.executor is self.backend and self.streams()
 
     def check_lengths(self, requests: list[Request], encoded: list[list[int]], generation: GenerationConfig) -> None:
         """Every request's prompt and new tokens fit the model's length, or a ConfigError naming what sets it."""
@@ -116,8 +123,9 @@ class LocalEngine(Engine):
     def openai_endpoint(self) -> tuple[str, str, str] | None:
         """(base URL, model, API key) when requests reach the model through an OpenAI-compatible
         server (a vLLM engine, a remote device), so a benchmark can load that server directly."""
-        endpoint = getattr(self.executor, "openai_endpoint", None)
-        return endpoint(self.model) if endpoint is not None else None
+        if isinstance(self.executor, OpenAIClient) and self.model is not None:
+            return self.executor.openai_endpoint(self.model)
+        return None
 
     def running_batch(self) -> Any:
         """The backend's, where the model runs in this process and the backend can step it."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from rm_runner.backends.base import Backend
 from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.engines.base import ServerClient
 from rm_runner.engines.local import LocalEngine
 from rm_runner.engines.process import ServerProcess
 from rm_runner.requests import Completion, Request
@@ -50,9 +51,8 @@ class ServedEngine(LocalEngine):
         return super().health() and self.server is not None and self.server.proc.poll() is None
 
     def stop(self) -> None:
-        close = getattr(self.executor, "close", None)
-        if self.executor is not self.backend and close is not None:
-            close()  # open keep-alive connections hold some servers (Triton) back from exiting
+        if isinstance(self.executor, ServerClient):
+            self.executor.close()  # open keep-alive connections hold some servers (Triton) back from exiting
         if self.server is not None:
             self.server.stop()
         self.model = None

