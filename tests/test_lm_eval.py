@@ -73,11 +73,32 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("lm_eval") / "run", f"model={MODEL}", "server.max_tokens=64")
+# engine=vllm's server runs in the vLLM venv (CI makes it after the main tests, then runs these again).
+VLLM_PYTHON = os.environ.get("RM_RUNNER_VLLM_PYTHON", str(Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"))
+
+
+def vllm_missing() -> str | None:
+    from rm_runner import pyenv
+
+    if not pyenv.exists(VLLM_PYTHON):
+        return f"no vLLM venv at {VLLM_PYTHON} (CI makes .venv-vllm after the main tests, then runs -k vllm)"
+    return f"{VLLM_PYTHON} has no vllm" if pyenv.has_modules(VLLM_PYTHON, "vllm") else None
+
+
+@pytest.fixture(scope="module", params=["local", "vllm"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The API over engine=local (continuous batching keeps the logprobs) and over engine=vllm
+    (requests for logprobs pass through to vLLM's server, the rest through rm_runner's batcher)."""
+    engine: tuple[str, ...] = ()
+    if request.param == "vllm":
+        missing = vllm_missing()
+        if missing:
+            pytest.skip(missing)
+        engine = ("engine=vllm", f"engine.python={VLLM_PYTHON}", "engine.startup_timeout_s=900")
+    srv = Server(tmp_path_factory.mktemp("lm_eval") / "run", f"model={MODEL}", "server.max_tokens=64", *engine)
     yield srv
-    srv.stop()
+    code, _, err = srv.stop()
+    assert code == 0, err[-3000:]
 
 
 def write_tasks(where: Path) -> Path:

@@ -224,3 +224,37 @@ def test_the_remote_switches_take_auto_true_or_false_and_name_a_wrong_value() ->
         RemoteBackend(openai_extensions="maybe")
     with pytest.raises(ConfigError, match=r"device.token_prompts must be auto, true or false, got 1"):
         RemoteBackend(token_prompts=1)
+
+
+def test_logprobs_pass_through_to_a_server_that_has_them(api: Server, strict: Server, tmp_path: Path) -> None:
+    """The API in front of device=remote runs whole batches (tokens only), so a request for
+    logprobs goes as it is to a server behind it that takes vLLM's extensions: the answer is that
+    server's own (here rm_runner's API, which serves them), under this server's model name, whole
+    or streamed. In front of a strict server there are none to be had: a 400 naming logprobs."""
+    import openai
+
+    front = Server(tmp_path / "front", "device=remote", f"device.base_url={api.url}", "model.dtype=float32",
+                   "server.served_model_name=front")
+    strict_front = Server(tmp_path / "strict_front", "device=remote", f"device.base_url={strict.url}",
+                          "model.dtype=float32")
+    try:
+        ask = dict(prompt=[1, 504, 3575, 282], max_tokens=1, echo=True, logprobs=1, temperature=0)
+        direct = openai.OpenAI(base_url=api.url, api_key="-").completions.create(model="smollm2-135m", **ask)
+        passed = openai.OpenAI(base_url=front.url, api_key="-").completions.create(model="front", **ask)
+        assert passed.model == "front" and passed.choices[0].logprobs == direct.choices[0].logprobs
+        assert len(passed.choices[0].logprobs.token_logprobs) == 5 and passed.choices[0].logprobs.token_logprobs[0] is None
+        chat = openai.OpenAI(base_url=front.url, api_key="-").chat.completions.create(
+            model="front", messages=[{"role": "user", "content": QUESTION}], max_tokens=3, logprobs=True,
+            top_logprobs=2, temperature=0, stream=True)
+        entries = [e for chunk in chat if chunk.choices and chunk.choices[0].logprobs
+                   for e in chunk.choices[0].logprobs.content]
+        assert len(entries) == 3 and all(len(e.top_logprobs) == 2 for e in entries)
+        with pytest.raises(openai.BadRequestError, match="logprobs are not served here") as refused:
+            openai.OpenAI(base_url=strict_front.url, api_key="-").completions.create(model="smollm2-135m", **ask)
+        assert refused.value.body["param"] == "logprobs"
+    finally:
+        for server in (front, strict_front):
+            code, _, err = server.stop()
+            assert code == 0, err[-2000:]
+    passed_records = [json.loads(line) for line in (tmp_path / "front" / "requests.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in passed_records if r.get("passthrough")] == [200, 200]

@@ -228,6 +228,9 @@ class WholeBatchEngine:
     def running_batch(self) -> None:
         return None
 
+    def passthrough(self) -> None:  # no server behind it that answers logprobs
+        return None
+
 
 def in_process_app(**settings):
     from fastapi.testclient import TestClient

@@ -88,6 +88,11 @@ class Engine(ABC):
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (not all at the end)."""
 
+    def passthrough(self) -> Any:
+        """An ``openai_client.Passthrough`` to the server behind this engine where it answers what
+        rm_runner's batcher cannot (logprobs: a vLLM server), else None."""
+        return None
+
     def openai_endpoint(self) -> tuple[str, str, str] | None:
         """(base URL, model, API key) when the model is reached through an OpenAI-compatible server."""
         return None

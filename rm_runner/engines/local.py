@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from rm_runner.backends.base import Backend, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import Engine, Executor
-from rm_runner.engines.openai_client import OpenAIClient
+from rm_runner.engines.openai_client import OpenAIClient, Passthrough
 from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
 
@@ -125,6 +125,13 @@ class LocalEngine(Engine):
         server (a vLLM engine, a remote device), so a benchmark can load that server directly."""
         if isinstance(self.executor, OpenAIClient) and self.model is not None:
             return self.executor.openai_endpoint(self.model)
+        return None
+
+    def passthrough(self) -> Any:
+        """To the server, where the device or engine is one that takes vLLM's extensions (and so its logprobs)."""
+        client = self.executor
+        if isinstance(client, OpenAIClient) and client.dialect is not None and client.dialect.extensions and self.model:
+            return Passthrough(client.endpoint, self.model.served_name)
         return None
 
     def running_batch(self) -> Any:

@@ -387,3 +387,55 @@ def _server_message(exc: Any) -> str:
 
 def _switch(value: Switch) -> str:
     return value if isinstance(value, str) else str(value).lower()
+
+
+class Passthrough:
+    """Requests handed as they are to the OpenAI-compatible server behind an engine, for what only
+    that server can answer (logprobs, echo: rm_runner's own batcher runs whole batches through a
+    server's engine, which hands back tokens only). vLLM answers them as it documents them; the
+    served model's name is put back in each answer."""
+
+    def __init__(self, endpoint: OpenAIEndpoint, served_name: str) -> None:
+        self.endpoint, self.served_name = endpoint, served_name
+
+    async def send(self, path: str, body: dict[str, Any], model: str) -> tuple[int, Any]:
+        """POST ``body`` (``model`` in it swapped for the server's name) to ``path`` (``/completions``):
+        (status, the answer's JSON), or for a streamed body (status, an async iterator of SSE
+        lines). A server that does not answer is a 502 in OpenAI's error shape."""
+        import httpx
+
+        client = httpx.AsyncClient(base_url=self.endpoint.base_url, timeout=self.endpoint.timeout_s,
+                                   headers={"Authorization": f"Bearer {api_key(self.endpoint)}"})
+        request = client.build_request("POST", path, json={**body, "model": self.served_name})
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            await client.aclose()
+            return 502, {"error": {"message": f"{self.endpoint.base_url} did not answer: {exc}",
+                                   "type": "bad_gateway", "param": None, "code": None}}
+        if not body.get("stream") or response.status_code != 200:
+            try:
+                await response.aread()
+                return response.status_code, self._named(response.json(), model)
+            finally:
+                await response.aclose()
+                await client.aclose()
+
+        async def lines() -> Any:
+            import json
+
+            try:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        line = "data: " + json.dumps(self._named(json.loads(line[6:]), model))
+                    yield line + "\n"
+            finally:
+                await response.aclose()
+                await client.aclose()
+
+        return 200, lines()
+
+    def _named(self, answer: Any, model: str) -> Any:
+        if isinstance(answer, dict) and answer.get("model") == self.served_name:
+            answer["model"] = model
+        return answer

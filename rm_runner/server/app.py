@@ -112,6 +112,10 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     prompt_limit = min(settings.max_prompt_tokens or served.max_model_len, served.max_model_len - 1)
     token_text = TokenText(tokenizer)
     engine_name = getattr(served.engine, "name", type(served.engine).__name__)
+    # Where the batcher keeps no logprobs, a server behind the engine that has them (vLLM) answers
+    # the requests that ask for them, as they are.
+    passthrough = None if batcher.supports_logprobs else served.engine.passthrough()
+    has_logprobs = batcher.supports_logprobs or passthrough is not None
     start_token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None)
     extensions = settings.openai_extensions
 
@@ -320,7 +324,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
 
     @app.post("/v1/completions", dependencies=guarded, responses=streamed(CompletionResponse))
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_request(body)
+        if check_request(body):
+            return await passed(body, request, "/completions")
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -345,7 +350,8 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
 
     @app.post("/v1/chat/completions", dependencies=guarded, responses=streamed(ChatCompletionResponse))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_request(body)
+        if check_request(body):
+            return await passed(body, request, "/chat/completions")
         try:
             ids = render(tokenizer, PromptRequest(id="api", messages=body.conversation()))
         except ConfigError:
@@ -357,8 +363,9 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
             body.max_tokens = body.max_completion_tokens
         return await respond(body, request, [ids], chat=True)
 
-    def check_request(body: SamplingRequest) -> None:
-        """What the body says, before any tokenizing: the model, fields known and supported."""
+    def check_request(body: SamplingRequest) -> bool:
+        """What the body says, before any tokenizing: the model, fields known and supported; True
+        when it goes to the server behind the engine as it is (``passthrough``)."""
         check_model(body.model)
         if not extensions:
             name = next((k for k in EXTENSIONS if k in body.model_fields_set), None)
@@ -375,11 +382,12 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options",
                            code="stream_options_without_stream")
-        check_logprobs(body)
+        return check_logprobs(body)
 
-    def check_logprobs(body: SamplingRequest) -> None:
+    def check_logprobs(body: SamplingRequest) -> bool:
         """vLLM's rules for logprobs, echo and max_tokens=0, and logprobs only where the batcher
-        keeps them (one that runs whole batches through the engine gets tokens only)."""
+        keeps them (one that runs whole batches through the engine gets tokens only) or the server
+        behind the engine answers them (True: this request goes there)."""
         if isinstance(body, ChatCompletionRequest):
             if body.top_logprobs and not body.logprobs:
                 raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true", param="top_logprobs",
@@ -391,9 +399,32 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                 raise APIError(400, "max_tokens=0 is only allowed with echo=true (the prompt alone, no completion); "
                                     "ask for at least 1 token", param="max_tokens", code="max_tokens_zero_without_echo")
             asked = body.logprobs is not None
-        if asked and not batcher.supports_logprobs:
+        if asked and not has_logprobs:
             raise APIError(400, f"logprobs are not served here: {LOGPROBS_UNSUPPORTED.format(engine=engine_name)}",
                            param="logprobs", code="logprobs_not_supported")
+        return asked and passthrough is not None
+
+    async def passed(body: SamplingRequest, request: Request, path: str) -> Response:
+        """The request answered by the server behind the engine (its status and body as they are)."""
+        where, began = place(request.scope), time.perf_counter()
+        status, answer = await passthrough.send(path, body.model_dump(exclude_unset=True), served.name)
+        if status == 200 and body.stream:
+            async def relayed() -> AsyncIterator[str]:
+                first = None
+                async for line in answer:
+                    first = first or (time.perf_counter() if line.startswith("data: ") else None)
+                    yield line
+                record(where, 200, passthrough=True, stream=True, latency_s=round(time.perf_counter() - began, 6),
+                       ttft_s=round(first - began, 6) if first else None)
+
+            return StreamingResponse(relayed(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        usage = (answer.get("usage") or {}) if isinstance(answer, dict) else {}
+        error = (answer.get("error") or {}) if isinstance(answer, dict) and status >= 400 else {}
+        record(where, status, passthrough=True, stream=False, latency_s=round(time.perf_counter() - began, 6),
+               prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+               **({"error_type": error.get("type") or "upstream_error", "error": error.get("message")} if error else {}))
+        return JSONResponse(answer, status_code=status)
 
     def make_job(body: SamplingRequest, ids: list[list[int]], emit: Callable[[Any], None]) -> Job:
         longest = max(len(p) for p in ids)
@@ -540,8 +571,7 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
     def served_openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            describe(schema, served, vocab, prompt_limit, batcher.max_batch_size, batcher.supports_logprobs,
-                     engine_name)
+            describe(schema, served, vocab, prompt_limit, batcher.max_batch_size, has_logprobs, engine_name)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -568,7 +598,8 @@ def body_model(route: str, body: dict[str, Any]) -> Optional[type[BaseModel]]:
 # Why a batcher without logprobs refuses them (``{engine}``: the engine's name).
 LOGPROBS_UNSUPPORTED = ("this server's batcher runs whole batches through engine={engine}, which hand back tokens "
                         "only; logprobs need continuous batching (server.batching=auto or continuous), where the "
-                        "model is stepped in this process (engine=local on device=cpu or gpu, pytorch mode)")
+                        "model is stepped in this process (engine=local on device=cpu or gpu, pytorch mode), or "
+                        "a vLLM server behind the engine (engine=vllm), which answers them itself")
 
 
 def wanted_logprobs(body: SamplingRequest) -> tuple[Optional[int], Optional[int]]:
