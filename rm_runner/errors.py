@@ -19,3 +19,13 @@ class ModelNotFoundError(RunnerError):
 
 class DeviceUnavailableError(RunnerError):
     """The selected device cannot run here: names the failed check and the install command."""
+
+
+class UnsupportedSampling(ConfigError):
+    """A sampling setting the engine cannot honour (a server that does not take vLLM's
+    extensions): ``field``, vLLM's name for it (the API's too), and why; a run's ConfigError, the
+    API's 400 naming the field."""
+
+    def __init__(self, field: str, why: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.why = field, why

@@ -207,6 +207,48 @@ def served_like_local(tmp_path: Path, engine: str) -> dict:
     return record
 
 
+def staggered_like_offline(server: Server, tmp_path: Path, model: str = "smollm2-135m") -> None:
+    """Streamed greedy requests to ``server`` (SmolLM2, float32), each sent once the one before it
+    streams, get the offline batch's token ids (the local engine, one batch), token for token."""
+    import json
+    import threading
+
+    import openai
+
+    offline = cli("model.dtype=float32", "generation.max_new_tokens=24", "generation.ignore_eos=true",
+                  "engine.batch_size=16", "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={tmp_path}/offline")
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    asked = [[{"role": "user", "content": json.loads(line)["prompt"]}]  # the workload's prompts, chat-templated
+             for line in (tmp_path / "offline" / "generations.jsonl").read_text().splitlines()]
+    assert len(asked) > 2
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
+    got: dict[int, list[int]] = {}
+    started = [threading.Event() for _ in asked]
+
+    def one(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model=model, messages=asked[i], max_tokens=24, temperature=0, stream=True,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+            ids: list[int] = []
+            for chunk in stream:
+                for choice in chunk.choices:
+                    ids.extend(getattr(choice, "token_ids", None) or [])
+                    started[i].set()
+            got[i] = ids
+        finally:
+            started[i].set()
+
+    threads = []
+    for i in range(len(asked)):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        started[i].wait(120)  # the next one arrives once this one streams
+    for t in threads:
+        t.join(300)
+    assert [got.get(i) for i in range(len(asked))] == token_ids(tmp_path / "offline")
+
+
 def rows_end_on_the_server(server: Server, log: Path, limit: int = 120) -> None:
     """Three streamed requests for up to ``limit`` tokens whose row ends early, by EOS, a stop
     string, and a client that leaves: the server ran only a few decoding steps for each, not

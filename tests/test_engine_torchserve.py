@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, ask, local_answer, rows_end_on_the_server, served_like_local
+from tests.conftest import (Server, ask, local_answer, rows_end_on_the_server, served_like_local,
+                            staggered_like_offline)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ts") is None or shutil.which("java") is None,
                                 reason="needs torchserve in this Python and Java (CI runs it in .venv-torchserve)")
@@ -49,3 +50,9 @@ def test_the_api_serves_through_torchserve(tmp_path: Path, api: Server) -> None:
 def test_a_streamed_row_that_ends_ends_on_the_server(api: Server) -> None:
     """EOS, a stop string, a client that left: TorchServe's worker stops generating for the row then."""
     rows_end_on_the_server(api, api.run_dir / "torchserve" / "logs" / "model_log.log")
+
+
+def test_staggered_greedy_streams_equal_the_offline_batch(api: Server, tmp_path: Path) -> None:
+    """Requests that arrive while others stream (batched by the torchserve server as they come) get
+    the offline batch's token ids."""
+    staggered_like_offline(api, tmp_path)

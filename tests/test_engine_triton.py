@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Server, ask, local_answer, rows_end_on_the_server, served_like_local, stream_records
+from tests.conftest import (Server, ask, local_answer, rows_end_on_the_server, served_like_local,
+                            staggered_like_offline, stream_records)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None,
                                 reason="nvidia-pytriton is not installed in this Python (CI runs it in .venv-triton)")
@@ -76,3 +77,9 @@ def test_the_api_streams_through_tritons_decoupled_model(tmp_path: Path, api: Se
 def test_a_streamed_row_that_ends_ends_on_the_server(api: Server) -> None:
     """EOS, a stop string, a client that left: Triton stops generating for the row then."""
     rows_end_on_the_server(api, api.run_dir / "triton-server.log")
+
+
+def test_staggered_greedy_streams_equal_the_offline_batch(api: Server, tmp_path: Path) -> None:
+    """Requests that arrive while others stream (batched by the triton server as they come) get
+    the offline batch's token ids."""
+    staggered_like_offline(api, tmp_path)

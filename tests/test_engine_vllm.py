@@ -144,3 +144,17 @@ def test_benchmark_agrees_with_vllms_own_timing(tmp_path: Path) -> None:
     assert 0.9 * ttft["server_mean"] <= ttft["client_mean"] <= ttft["server_mean"] + 0.25, ttft
     for figure, (low, high) in {"tpot_s": (0.8, 1.25), "e2el_s": (0.95, 1.25)}.items():
         assert low <= reported[figure]["ratio"] <= high, (figure, reported[figure])
+
+
+@needs_vllm
+def test_the_api_over_vllm_answers_staggered_greedy_streams_like_the_offline_batch(tmp_path: Path) -> None:
+    """pipeline=serve engine=vllm: requests that arrive while others stream (each its own request
+    to vLLM, which batches them as they come) get the offline batch's token ids."""
+    from tests.conftest import Server, staggered_like_offline
+
+    server = Server(tmp_path / "serve", "engine=vllm", "model.dtype=float32", "engine.startup_timeout_s=900")
+    try:
+        staggered_like_offline(server, tmp_path)
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err[-3000:]

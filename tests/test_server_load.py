@@ -82,39 +82,6 @@ def test_32_concurrent_streams_are_all_well_formed(server: Server) -> None:
 def test_staggered_streams_equal_the_offline_batch(server: Server, tmp_path: Path) -> None:
     """Each request arrives while the ones before it stream (continuous batching: it joins their
     running batch); every answer's token ids are the offline batch's, token for token."""
-    import threading
+    from tests.conftest import staggered_like_offline
 
-    from tests.conftest import cli, token_ids
-
-    offline = cli("model.dtype=float32", "generation.max_new_tokens=24", "generation.ignore_eos=true",
-                  "engine.batch_size=16", "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={tmp_path}/offline")
-    assert offline.returncode == 0, offline.stderr[-3000:]
-    asked = [[{"role": "user", "content": json.loads(line)["prompt"]}]  # the workload's prompts, chat-templated
-             for line in (tmp_path / "offline" / "generations.jsonl").read_text().splitlines()]
-    assert len(asked) > 2
-    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
-    got: dict[int, list[int]] = {}
-    started = [threading.Event() for _ in asked]
-
-    def one(i: int) -> None:
-        try:
-            stream = client.chat.completions.create(
-                model=MODEL, messages=asked[i], max_tokens=24, temperature=0, stream=True,
-                extra_body={"ignore_eos": True, "return_token_ids": True})
-            ids: list[int] = []
-            for chunk in stream:
-                for choice in chunk.choices:
-                    ids.extend(getattr(choice, "token_ids", None) or [])
-                    started[i].set()
-            got[i] = ids
-        finally:
-            started[i].set()
-
-    threads = []
-    for i in range(len(asked)):
-        threads.append(threading.Thread(target=one, args=(i,)))
-        threads[-1].start()
-        started[i].wait(120)  # the next one arrives once this one streams
-    for t in threads:
-        t.join(300)
-    assert [got.get(i) for i in range(len(asked))] == token_ids(tmp_path / "offline")
+    staggered_like_offline(server, tmp_path)

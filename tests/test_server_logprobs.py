@@ -231,6 +231,9 @@ class WholeBatchEngine:
     def passthrough(self) -> None:  # no server behind it that answers logprobs
         return None
 
+    def check_sampling(self, sampling) -> None:  # takes every setting
+        pass
+
 
 def in_process_app(**settings):
     from fastapi.testclient import TestClient

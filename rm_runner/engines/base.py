@@ -88,6 +88,10 @@ class Engine(ABC):
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (not all at the end)."""
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """Refuse, before any work, settings this engine cannot honour (a ConfigError naming the
+        field: ``errors.UnsupportedSampling``); by default every one is taken."""
+
     def passthrough(self) -> Any:
         """An ``openai_client.Passthrough`` to the server behind this engine where it answers what
         rm_runner's batcher cannot (logprobs: a vLLM server), else None."""

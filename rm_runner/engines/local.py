@@ -127,6 +127,11 @@ class LocalEngine(Engine):
             return self.executor.openai_endpoint(self.model)
         return None
 
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """A server reached through the OpenAI client may not take vLLM's settings (it was asked)."""
+        if isinstance(self.executor, OpenAIClient) and self.model is not None:
+            self.executor.check(self.model, sampling)
+
     def passthrough(self) -> Any:
         """To the server, where the device or engine is one that takes vLLM's extensions (and so its logprobs)."""
         client = self.executor

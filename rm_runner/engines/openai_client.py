@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional, Union
 
 from rm_runner.backends.base import OnStep, OpenAIEndpoint
 from rm_runner.backends.server_steps import follow_steps
-from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
+from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError, UnsupportedSampling
 from rm_runner.requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -262,23 +262,25 @@ class OpenAIClient:
         its joined text), so rows can be followed step by step and cancelled early."""
         return isinstance(model, ServedModel)
 
-    def _check(self, model: ServedModel, sampling: SamplingParams) -> None:
-        """Refuse what a server without vLLM's extensions cannot be asked for, naming the field."""
+    def check(self, model: ServedModel, sampling: SamplingParams) -> None:
+        """Refuse what a server without vLLM's extensions cannot be asked for, naming the field
+        (``UnsupportedSampling``: a run's ConfigError, the API's 400)."""
         if model.dialect.extensions:
             return
         why = (f"{self.endpoint.base_url} does not take vLLM's request extensions "
                f"({self.endpoint.section}.openai_extensions={_switch(self.endpoint.openai_extensions)}"
                + (f"; it answered {model.dialect.refused}" if model.dialect.refused else "") + ")")
         if sampling.top_k:
-            raise ConfigError(f"generation.top_k={sampling.top_k}: top_k is a vLLM extension and {why}. Set "
-                              "generation.top_k=null, or use a server that takes vLLM's extensions")
+            raise UnsupportedSampling("top_k", why, f"generation.top_k={sampling.top_k}: top_k is a vLLM extension and "
+                                      f"{why}. Set generation.top_k=null, or use a server that takes vLLM's extensions")
         if sampling.ignore_eos:
-            raise ConfigError(f"generation.ignore_eos=true: ignore_eos is a vLLM extension and {why}. Set "
-                              "generation.ignore_eos=false, or use a server that takes vLLM's extensions")
+            raise UnsupportedSampling("ignore_eos", why, f"generation.ignore_eos=true: ignore_eos is a vLLM extension "
+                                      f"and {why}. Set generation.ignore_eos=false, or use a server that takes vLLM's "
+                                      "extensions")
         asked = [name for name in VLLM_SAMPLING if name in sampling.changed()]
         if asked:
-            raise RunnerError(f"{', '.join(asked)}: vLLM sampling extensions, and {why}; leave them out, or use a "
-                              "server that takes vLLM's extensions")
+            raise UnsupportedSampling(asked[0], why, f"{', '.join(asked)}: vLLM sampling extensions, and {why}; leave "
+                                      "them out, or use a server that takes vLLM's extensions")
 
     @staticmethod
     def _request(model: ServedModel, prompt_ids: tuple[int, ...], max_tokens: int, sampling: SamplingParams,
@@ -286,7 +288,7 @@ class OpenAIClient:
         """One row as an OpenAI completion request: OpenAI's own fields, vLLM's where the server takes them."""
         own, extensions = sampling.openai_fields()
         extra: dict[str, Any] = {}
-        if model.dialect.extensions:  # a server without them was refused these settings (_check)
+        if model.dialect.extensions:  # a server without them was refused these settings (check)
             extra.update(return_token_ids=True, skip_special_tokens=False, **extensions)
         request = dict(model=model.served_name, prompt=model.prompt(list(prompt_ids)), max_tokens=max_tokens,
                        stream=stream, **own)
@@ -359,7 +361,7 @@ class OpenAIClient:
     def generate(self, model: Any, request: GenerationRequest, on_step: Optional[OnStep] = None) -> list[list[int]]:
         """Each row as its own request, ``max_concurrency`` at a time (streamed where ``on_step``
         follows it); the server stops rows at EOS itself."""
-        self._check(model, request.sampling)
+        self.check(model, request.sampling)
         if on_step is not None:
             return self._stream_rows(model, request, on_step)
         with ThreadPoolExecutor(max_workers=self.endpoint.max_concurrency) as pool:

@@ -34,7 +34,7 @@ from starlette.routing import Match
 
 from rm_runner.config import GenerationConfig, ServerConfig
 from rm_runner.engines.local import render
-from rm_runner.errors import ConfigError
+from rm_runner.errors import ConfigError, UnsupportedSampling
 from rm_runner.requests import Request as PromptRequest
 from rm_runner.requests import SAMPLING_EPS, SamplingParams, TokenLogprob
 from rm_runner.server.batcher import Job, QueueFull, ShuttingDown
@@ -454,8 +454,14 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                         include_stop_str_in_output=body.include_stop_str_in_output,
                         skip_special_tokens=body.skip_special_tokens)
         logprobs, prompt_logprobs = wanted_logprobs(body)
+        asked = sampling(body)
+        try:
+            served.engine.check_sampling(asked)
+        except UnsupportedSampling as exc:
+            raise APIError(400, f"{exc.field} is a vLLM extension and {exc.why}; leave it out", param=exc.field,
+                           code="unsupported_by_upstream") from None
         # max_tokens=0 (echo): one token is made and left out of the answer, as vLLM does
-        return Job(prompts=ids, n=body.n, max_tokens=max(max_tokens, 1), sampling=sampling(body), ending=ending,
+        return Job(prompts=ids, n=body.n, max_tokens=max(max_tokens, 1), sampling=asked, ending=ending,
                    emit=emit, stream=bool(body.stream),
                    logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
