@@ -237,6 +237,31 @@ class ParityConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``pipeline=eval``: lm-evaluation-harness tasks, the run's engine as the model."""
+
+    # lm-eval task (or group) names; the shipped offline ones are rm_runner_choice (multiple
+    # choice: loglikelihoods) and rm_runner_generate (generate_until).
+    tasks: list[str] = field(default_factory=lambda: ["rm_runner_choice", "rm_runner_generate"])
+    num_fewshot: Optional[int] = None  # null: each task's own
+    limit: Optional[float] = None  # documents per task (a fraction when < 1); null: all
+    batch_size: int = 8  # rows per scoring or generation call
+    include_path: list[str] = field(default_factory=list)  # folders of task YAML beside the shipped ones
+    seed: int = 0  # lm-eval's random, numpy, torch and few-shot seeds
+    apply_chat_template: bool = False  # render each prompt through the model's chat template
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("eval.tasks must name at least one lm-eval task")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"eval.num_fewshot must be >= 0 or null, got {self.num_fewshot}")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"eval.limit must be > 0 or null, got {self.limit}")
+
+
+@dataclass
 class SweepConfig:
     """How a multirun (``-m``) treats its jobs."""
 
@@ -254,6 +279,7 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # In a sweep, a device that is not available here is recorded as skipped (exit 0) instead
     # of failing; single runs fail fast.
     on_unavailable: str = "fail"
@@ -298,7 +324,7 @@ def validated(cfg: DictConfig) -> DictConfig:
         schema = OmegaConf.structured(RunConfig)
         merged = OmegaConf.merge(schema, resolved)
         OmegaConf.to_object(merged.generation)
-        for section in ("server", "benchmark", "parity", "workload"):
+        for section in ("server", "benchmark", "parity", "eval", "workload"):
             OmegaConf.to_object(merged[section])
         if merged.on_unavailable not in ("fail", "skip"):
             raise ValueError(f"on_unavailable must be fail or skip, got {merged.on_unavailable!r}")

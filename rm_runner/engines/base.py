@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 from rm_runner.backends.base import Availability, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
-from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
+from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams, TokenLogprob
 
 
 class Executor(Protocol):
@@ -87,6 +87,16 @@ class Engine(ABC):
     @abstractmethod
     def streams(self) -> bool:
         """True when ``generate_steps`` delivers tokens as they are made (not all at the end)."""
+
+    def score(self, prompts: list[list[int]], top: int = 1) -> list[list[Optional[TokenLogprob]]]:
+        """Each prompt token's log-probability given the tokens before it (None for the first), with
+        the ``top`` likeliest tokens there (what a loglikelihood needs: an evaluation's). A
+        ConfigError where this engine hands back tokens only."""
+        from rm_runner.errors import ConfigError
+
+        raise ConfigError(f"engine={self.name} hands back generated tokens only, no log-probabilities of a given "
+                          "text (loglikelihood tasks need them): use engine=local on device=cpu or gpu (pytorch "
+                          "mode), or generate_until tasks only")
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """Refuse, before any work, settings this engine cannot honour (a ConfigError naming the

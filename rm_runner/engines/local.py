@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
@@ -14,7 +14,7 @@ from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import Engine, Executor
 from rm_runner.engines.openai_client import OpenAIClient, Passthrough
 from rm_runner.errors import ConfigError, RunnerError
-from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams
+from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,17 @@ class LocalEngine(Engine):
         if isinstance(self.executor, OpenAIClient) and self.model is not None:
             return self.executor.openai_endpoint(self.model)
         return None
+
+    def score(self, prompts: list[list[int]], top: int = 1) -> list[list[Optional[TokenLogprob]]]:
+        """Through a running batch's prefill (raw logits, float32), where the model runs here."""
+        from rm_runner.backends.running_batch import NewRow, RowSampling
+
+        batch = self.running_batch()
+        if batch is None:
+            return super().score(prompts, top)
+        tokens = batch.prefill([NewRow(i, list(p), RowSampling(prompt_logprobs=top)) for i, p in enumerate(prompts)])
+        batch.release(set(range(len(prompts))))
+        return [t.prompt_logprobs or [None] for t in tokens]
 
     def check_sampling(self, sampling: SamplingParams) -> None:
         """A server reached through the OpenAI client may not take vLLM's settings (it was asked)."""

@@ -1,0 +1,1 @@
+"""Accuracy through lm-evaluation-harness: its tasks and metrics, the run's engine as the model."""
