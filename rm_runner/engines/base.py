@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 from rm_runner.backends.base import Availability, OnStep
 from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.errors import ConfigError
 from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams, TokenLogprob
 
 
@@ -92,8 +93,6 @@ class Engine(ABC):
         """Each prompt token's log-probability given the tokens before it (None for the first), with
         the ``top`` likeliest tokens there (what a loglikelihood needs: an evaluation's). A
         ConfigError where this engine hands back tokens only."""
-        from rm_runner.errors import ConfigError
-
         raise ConfigError(f"engine={self.name} hands back generated tokens only, no log-probabilities of a given "
                           "text (loglikelihood tasks need them): use engine=local on device=cpu or gpu (pytorch "
                           "mode), or generate_until tasks only")

@@ -98,13 +98,11 @@ class EngineLM(TemplateLM):
         from rm_runner.server.choice import Choice, Ending
 
         answers: list[str] = [""] * len(requests)
-        groups: dict[str, list[int]] = {}
-        settings = [self._settings(r.args[1]) for r in requests]
-        for i, (key, _) in enumerate(settings):
-            groups.setdefault(key, []).append(i)
+        groups: dict[tuple[SamplingParams, tuple[str, ...], int], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self._settings(r.args[1]), []).append(i)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
-        for indices in groups.values():
-            _, (sampling, until, max_gen) = settings[indices[0]]
+        for (sampling, until, max_gen), indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in chunk]
@@ -125,8 +123,8 @@ class EngineLM(TemplateLM):
         bar.close()
         return answers
 
-    def _settings(self, gen_kwargs: dict[str, Any]) -> tuple[str, tuple[SamplingParams, tuple[str, ...], int]]:
-        """A task's generation_kwargs as (a grouping key, (sampling, stop strings, max new tokens))."""
+    def _settings(self, gen_kwargs: dict[str, Any]) -> tuple[SamplingParams, tuple[str, ...], int]:
+        """A task's generation_kwargs as (sampling, stop strings, max new tokens): equal ones batch together."""
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = (until,) if isinstance(until, str) else tuple(until)
@@ -140,4 +138,4 @@ class EngineLM(TemplateLM):
         sampling = SamplingParams(temperature=temperature if sample or temperature > 0 else 0.0,
                                   top_p=float(known.get("top_p", 1.0)), top_k=int(known.get("top_k") or 0),
                                   seed=known.get("seed"))
-        return repr((sampling, until, max_gen)), (sampling, until, max_gen)
+        return sampling, until, max_gen

@@ -51,7 +51,7 @@ class Evaluate:
         elapsed = time.perf_counter() - began
         summary = scores(results)
         record = {"lm_eval_version": version("lm-eval"), "time_s": round(elapsed, 3), "tasks": summary,
-                  "config": {k: v for k, v in OmegaConf.to_container(ctx.cfg.eval).items()}}
+                  "config": OmegaConf.to_container(ctx.cfg.eval)}
         ctx.run_dir.write_json(EVAL, record)
         ctx.run_dir.write_jsonl(SAMPLES, sample_records(results))
         ctx.metrics["eval"] = {task: {name: m["value"] for name, m in entry["metrics"].items()}
