@@ -45,10 +45,13 @@ def serve(batcher: ContinuousBatcher, driver) -> None:
         raise failure[0]
 
 
-def first_event(events: queue.Queue) -> tuple:
-    event = events.get(timeout=60)
-    events.put(event)  # left for collect(), at the back: only the kind matters here
-    return event
+def first_event(events: queue.Queue, timeout: float = 60.0) -> tuple:
+    """Wait for the stream's first event and leave it where it is, at the front: collect() reads
+    the stream in order (putting it back at the end would reorder it behind later deltas)."""
+    with events.not_empty:
+        if not events.not_empty.wait_for(lambda: len(events.queue) > 0, timeout):
+            raise AssertionError(f"no event within {timeout} s")
+        return events.queue[0]
 
 
 def test_staggered_arrivals_join_the_running_batch_and_match_offline(engine) -> None:
