@@ -9,7 +9,9 @@ sweeps is compared with every job. The first argument is the baseline.
 Figures: a benchmark run's ``benchmark.summary`` (``rm_runner.benchmark.metrics.HEADLINE``, each
 as mean, stdev, n over repetitions) and, under a rate sweep, ``benchmark.by_rate`` (named
 ``FIGURE@rate=R``). A run without a benchmark section (``pipeline=generate``) gives its
-top-level ``output_tokens_per_s`` and ``generate_time_s`` as single values (n=1).
+top-level ``output_tokens_per_s`` and ``generate_time_s`` as single values (n=1). A
+``pipeline=eval`` run gives its task scores (``eval.json``: each task metric's value and stderr),
+judged by ``rm_runner.evaluation.difference`` (within error, or higher/lower by N stderr).
 
 The rule, for each figure of each run against the baseline:
 
@@ -35,10 +37,12 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from rm_runner.benchmark.metrics import HEADLINE
-from rm_runner.rundir import METRICS, STATUS, atomic_write_text, is_run_dir, as_read, job_dirs
+from rm_runner.evaluation.difference import RULE as SCORE_RULE
+from rm_runner.evaluation.difference import Score, difference, scores_of
+from rm_runner.rundir import EVAL, METRICS, STATUS, atomic_write_text, is_run_dir, as_read, job_dirs
 
 NO_SPREAD = "no spread: rerun with benchmark.repetitions>1"
 WITHIN_NOISE = "within noise"
@@ -73,6 +77,7 @@ class Run:
     status: str
     reason: Optional[str] = None
     figures: dict[str, Figure] = field(default_factory=dict)
+    scores: dict[tuple[str, str], Score] = field(default_factory=dict)  # (task, metric): an eval run's
 
     @property
     def comparable(self) -> bool:
@@ -131,10 +136,16 @@ def read_run(path: Path, label: str) -> Run:
         figures = figures_of(metrics)
     except (TypeError, AttributeError, ValueError) as exc:  # valid JSON, not the shape rm_runner writes
         return Run(label, str(path), "no metrics", f"{METRICS}: not as rm_runner writes it ({exc})")
-    if not figures:
+    scores: dict[tuple[str, str], Score] = {}
+    if (path / EVAL).exists():
+        try:
+            scores = {score.key: score for score in scores_of(json.loads((path / EVAL).read_text(encoding="utf-8")))}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            return Run(label, str(path), "no metrics", f"{EVAL}: not as rm_runner writes it ({exc})")
+    if not figures and not scores:
         return Run(label, str(path), "no metrics", f"{METRICS} has no benchmark summary and no "
-                                                   f"{' or '.join(SINGLE_FIGURES)}")
-    return Run(label, str(path), "ok", None, figures)
+                                                   f"{' or '.join(SINGLE_FIGURES)}, and there is no {EVAL}")
+    return Run(label, str(path), "ok", None, figures, scores)
 
 
 def job_key(folder_name: str) -> str:
@@ -180,27 +191,56 @@ def change(base: Figure, other: Figure) -> Optional[float]:
     return (other.mean - base.mean) / base.mean if base.mean else None
 
 
-def compare_group(runs: list[Run]) -> list[dict[str, Any]]:
-    """One entry per figure: the baseline's value and each other run's value, change and verdict."""
+def _against_baseline(runs: list[Run], values: Callable[[Run], dict[Any, Any]], keys: Callable[[Run, list[Run]], list[Any]],
+                      judge: Callable[[Any, Any, Any], dict[str, Any]],
+                      blank: dict[str, Any]) -> list[tuple[Any, Any, list[dict[str, Any]]]]:
+    """For each key: the baseline's value and each other ok run's entry (``judge``'s fields, or
+    ``blank`` and which side misses it)."""
     base = runs[0]
     others = [r for r in runs[1:] if r.comparable]
     if not base.comparable or not others:
         return []
-    names = [n for n in HEADLINE if n in base.figures] + [n for n in base.figures if n not in HEADLINE]
-    names += [n for r in others for n in r.figures if n not in base.figures]
-    rows = []
-    for name in dict.fromkeys(names):
-        b = base.figures.get(name)
+    out = []
+    for key in dict.fromkeys(keys(base, others)):
+        b = values(base).get(key)
         entries = []
         for run in others:
-            o = run.figures.get(name)
+            o = values(run).get(key)
             if b is None or o is None:
-                entries.append({"label": run.label, "value": asdict(o) if o else None, "change": None,
+                entries.append({"label": run.label, "value": asdict(o) if o else None, **blank,
                                 "verdict": f"missing in {base.label if b is None else run.label}"})
             else:
-                entries.append({"label": run.label, "value": asdict(o), "change": change(b, o),
-                                "verdict": verdict(name, b, o)})
-        rows.append({"name": name, "better": "higher" if higher_is_better(name) else "lower",
+                entries.append({"label": run.label, "value": asdict(o), **judge(key, b, o)})
+        out.append((key, b, entries))
+    return out
+
+
+def compare_group(runs: list[Run]) -> list[dict[str, Any]]:
+    """One entry per figure: the baseline's value and each other run's value, change and verdict."""
+    def names(base: Run, others: list[Run]) -> list[str]:
+        return ([n for n in HEADLINE if n in base.figures] + [n for n in base.figures if n not in HEADLINE]
+                + [n for r in others for n in r.figures if n not in base.figures])
+
+    compared = _against_baseline(runs, lambda r: r.figures, names,
+                                 lambda name, b, o: {"change": change(b, o), "verdict": verdict(name, b, o)},
+                                 {"change": None})
+    return [{"name": name, "better": "higher" if higher_is_better(name) else "lower",
+             "baseline": asdict(b) if b else None, "others": entries} for name, b, entries in compared]
+
+
+def compare_scores(runs: list[Run]) -> list[dict[str, Any]]:
+    """One entry per task metric: the baseline's score and each other run's, difference and verdict."""
+    def judged(key: Any, b: Score, o: Score) -> dict[str, Any]:
+        d = difference(b, o)
+        return {"difference": d.difference, "stderr": d.stderr, "verdict": d.verdict}
+
+    compared = _against_baseline(runs, lambda r: r.scores,
+                                 lambda base, others: [*base.scores, *(k for r in others for k in r.scores)],
+                                 judged, {"difference": None, "stderr": None})
+    rows = []
+    for (task, metric), b, entries in compared:
+        better = (b or next(Score(**e["value"]) for e in entries if e["value"])).higher_is_better
+        rows.append({"task": task, "metric": metric, "better": "higher" if better else "lower",
                      "baseline": asdict(b) if b else None, "others": entries})
     return rows
 
@@ -229,11 +269,12 @@ def report(arguments: list[str]) -> dict[str, Any]:
     """Everything the table, JSON and CSV show."""
     groups = []
     for key, runs in collect(arguments):
-        groups.append({"job": key, "runs": [{k: v for k, v in asdict(r).items() if k != "figures"} for r in runs],
-                       "figures": compare_group(runs)})
+        groups.append({"job": key, "runs": [{k: v for k, v in asdict(r).items() if k not in ("figures", "scores")}
+                                            for r in runs],
+                       "figures": compare_group(runs), "scores": compare_scores(runs)})
     not_compared = [{"job": g["job"], **r} for g in groups for r in g["runs"] if r["status"] != "ok"]
     return {"baseline": arguments[0], "groups": groups, "not_compared": not_compared,
-            "rule": RULE}
+            "rule": RULE, "score_rule": SCORE_RULE}
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -244,6 +285,25 @@ def _value(value: Optional[dict[str, Any]]) -> str:
 
 def _change(value: Optional[float]) -> str:
     return f"{value:+.1%}" if value is not None else "n/a"
+
+
+def _score(value: Optional[dict[str, Any]]) -> str:
+    return Score(**value).text() if value else "—"
+
+
+def _scores_table(data: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    labels = [e["label"] for e in rows[0]["others"]]
+    header = ["task", "metric", "better", f"{data['baseline']} (baseline)"]
+    for label in labels:
+        header += [label, "vs baseline"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["task"], row["metric"], row["better"], _score(row["baseline"])]
+        for entry in row["others"]:
+            shown = f"{entry['difference']:+.4g} " if entry["difference"] is not None else ""
+            cells += [_score(entry["value"]), f"{shown}{entry['verdict']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -263,7 +323,9 @@ def markdown(data: dict[str, Any]) -> str:
                     cells += [_value(entry["value"]), f"{_change(entry['change'])} {entry['verdict']}"]
                 out.write("| " + " | ".join(cells) + " |\n")
             out.write("\n")
-        else:
+        if group["scores"]:
+            out.write(_scores_table(data, group["scores"]))
+        if not group["figures"] and not group["scores"]:
             out.write("Nothing to compare: the baseline and at least one other run must be ok.\n\n")
         for run in group["runs"]:
             if run["status"] != "ok":
@@ -271,12 +333,16 @@ def markdown(data: dict[str, Any]) -> str:
                 out.write(f"- not compared: {run['label']}{where}: {run['status']}: {run['reason']}\n")
         if any(run["status"] != "ok" for run in group["runs"]):
             out.write("\n")
-    out.write(f"Rule: {data['rule']}.\n")
+    scored = any(g["scores"] for g in data["groups"])
+    if any(g["figures"] for g in data["groups"]) or not scored:
+        out.write(f"Rule: {data['rule']}.\n")
+    if scored:
+        out.write(f"Scores: {data['score_rule']}.\n")
     return out.getvalue()
 
 
 CSV_FIELDS = ["job", "figure", "better", "baseline", "baseline_mean", "baseline_stdev", "baseline_n",
-              "run", "mean", "stdev", "n", "change", "verdict"]
+              "run", "mean", "stdev", "n", "change", "verdict", "baseline_stderr", "stderr", "difference"]
 
 
 def write_csv(data: dict[str, Any], path: Path) -> None:
@@ -295,6 +361,17 @@ def write_csv(data: dict[str, Any], path: Path) -> None:
                     "baseline_stdev": base.get("stdev"), "baseline_n": base.get("n"),
                     "run": entry["label"], "mean": value.get("mean"), "stdev": value.get("stdev"),
                     "n": value.get("n"), "change": entry["change"], "verdict": entry["verdict"],
+                })
+        for row in group["scores"]:  # a task score: its value as the mean, its own stderr
+            base = row["baseline"] or {}
+            for entry in row["others"]:
+                value = entry["value"] or {}
+                writer.writerow({
+                    "job": group["job"] or "", "figure": f"{row['task']} {row['metric']}", "better": row["better"],
+                    "baseline": data["baseline"], "baseline_mean": base.get("value"), "baseline_n": base.get("samples"),
+                    "baseline_stderr": base.get("stderr"), "run": entry["label"], "mean": value.get("value"),
+                    "n": value.get("samples"), "stderr": value.get("stderr"), "difference": entry["difference"],
+                    "verdict": entry["verdict"],
                 })
     atomic_write_text(path, handle.getvalue())
 

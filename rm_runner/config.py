@@ -249,6 +249,10 @@ class EvalConfig:
     include_path: list[str] = field(default_factory=list)  # folders of task YAML beside the shipped ones
     seed: int = 0  # lm-eval's random, numpy, torch and few-shot seeds
     apply_chat_template: bool = False  # render each prompt through the model's chat template
+    # What a sweep's summary and rm-runner-compare measure each score against: the job on this
+    # device with this dtype (the verdict reads both sides' stderr).
+    reference_device: str = "cpu"
+    reference_dtype: Dtype = Dtype.float32
 
     def __post_init__(self) -> None:
         if not self.tasks:

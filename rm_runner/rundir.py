@@ -31,6 +31,8 @@ LOG = "rm_runner.log"
 OVERRIDES = "overrides.json"
 REQUESTS = "requests.jsonl"
 SERVER = "server.json"
+EVAL = "eval.json"
+EVAL_SAMPLES = "eval_samples.jsonl"
 
 
 def atomic_write_text(path: Path, text: str) -> None:

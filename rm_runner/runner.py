@@ -21,6 +21,7 @@ from rm_runner import environment
 from rm_runner.config import validated
 from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.rundir import ENVIRONMENT, METRICS, OVERRIDES, RunDir
 from rm_runner.workload import load_requests
 
@@ -58,6 +59,9 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
         requests=requests, generation=OmegaConf.to_object(cfg.generation),
     )
     ctx.metrics["engine"] = engine.describe()
+    for step in steps:
+        if isinstance(step, Step):
+            step.check(ctx)
     return ctx, steps
 
 

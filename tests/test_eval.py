@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ def test_the_shipped_tasks_run_offline_and_land_in_the_run_directory(tmp_path: P
     assert set(tasks) == {"rm_runner_choice", "rm_runner_generate"} and record["lm_eval_version"] == "0.4.13"
     acc, exact = tasks["rm_runner_choice"]["metrics"]["acc,none"], tasks["rm_runner_generate"]["metrics"]["exact_match,first_word"]
     assert tasks["rm_runner_choice"]["samples"] == 8 and tasks["rm_runner_generate"]["samples"] == 6
+    assert (record["device"], record["dtype"], record["engine"]) == ("cpu", "float32", "local")
+    assert all(0 < t["time_s"] < record["time_s"] for t in tasks.values())
+    assert acc["higher_is_better"] is True
     assert 0.5 <= acc["value"] <= 1 and acc["stderr"] is not None  # the easy questions are easy
     assert exact["value"] > 0 and tasks["rm_runner_generate"]["version"] == 1.0
     samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
@@ -31,7 +35,7 @@ def test_the_shipped_tasks_run_offline_and_land_in_the_run_directory(tmp_path: P
     assert "Paris" in france["resps"][0][0] and france["exact_match"] == 1.0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["eval"]["rm_runner_choice"]["acc,none"] == acc["value"]
-    assert "[eval] rm_runner_choice (n=8): acc,none" in run.stdout
+    assert re.search(r"\[eval\] rm_runner_choice \(n=8, [\d.]+ s\): acc,none 0\.\d{4} ± 0\.\d{4}", run.stdout)
 
 
 def test_an_unknown_task_is_a_config_error_naming_close_ones(tmp_path: Path) -> None:
@@ -39,6 +43,7 @@ def test_an_unknown_task_is_a_config_error_naming_close_ones(tmp_path: Path) -> 
     assert run.returncode == 1
     assert "eval.tasks: lm-eval knows no task rm_runner_choise" in run.stderr
     assert "did you mean rm_runner_choice" in run.stderr
+    assert not (tmp_path / "metrics.json").exists() and "loading" not in run.stdout + run.stderr  # before the model loads
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,15 @@ lm-eval's ``TemplateLM`` does the tokenizing of (context, continuation) pairs; t
 the engine for what it cannot: the log-probabilities of given tokens (``Engine.score``, a
 prefill's raw logits, for ``loglikelihood`` and ``loglikelihood_rolling``) and greedy or sampled
 text cut at the task's stop strings (``Engine.generate_steps`` with a stop-string ``Choice``, for
-``generate_until``), ``batch_size`` rows at a time.
+``generate_until``), ``batch_size`` rows at a time. lm-eval hands over every task's requests of
+one kind at once; they are run task by task, each with its own progress bar and its time kept
+(``task_time_s``), so a slow task shows as it runs and in ``eval.json``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable, Optional
 
 from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
@@ -29,6 +32,35 @@ class EngineLM(TemplateLM):
         self.engine, self.batch_size, self.max_gen_toks = engine, batch_size, max_gen_toks
         self.tokenizer = engine.tokenizer
         self.max_length = engine.max_model_len
+        self.task_time_s: dict[str, float] = {}
+        self._bar: Optional[tqdm] = None  # the running task's bar, advanced by the batches
+
+    def _by_task(self, kind: str, requests: list[Any], run: Callable[[list[Any]], list[Any]],
+                 disable_tqdm: bool) -> list[Any]:
+        """``run`` over each task's requests in turn (answers back in lm-eval's order)."""
+        answers: list[Any] = [None] * len(requests)
+        tasks: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            tasks.setdefault(getattr(request, "task_name", None) or "requests", []).append(i)
+        for task, indices in tasks.items():
+            began = time.perf_counter()
+            self._bar = tqdm(total=len(indices), desc=f"{task} ({kind})", unit="req", disable=disable_tqdm)
+            try:
+                for i, answer in zip(indices, run([requests[i] for i in indices])):
+                    answers[i] = answer
+            finally:
+                self._bar.close()
+                self._bar = None
+            self.task_time_s[task] = self.task_time_s.get(task, 0.0) + time.perf_counter() - began
+        return answers
+
+    def _advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._by_task("loglikelihood", requests, lambda mine: super(EngineLM, self).loglikelihood(
+            mine, disable_tqdm=True), disable_tqdm)
 
     @property
     def eot_token_id(self) -> int:
@@ -46,10 +78,10 @@ class EngineLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def _scores(self, rows: list[list[int]], desc: str, disable_tqdm: bool) -> list[list[Any]]:
+    def _scores(self, rows: list[list[int]]) -> list[list[Any]]:
         """Each row's per-token logprobs (``Engine.score``), ``batch_size`` rows at a time."""
         out: list[list[Any]] = []
-        for start in tqdm(range(0, len(rows), self.batch_size), desc=desc, disable=disable_tqdm):
+        for start in range(0, len(rows), self.batch_size):
             out.extend(self.engine.score(rows[start:start + self.batch_size]))
         return out
 
@@ -68,13 +100,18 @@ class EngineLM(TemplateLM):
             rows.append((context + continuation)[-self.max_length:])
             lengths.append(len(continuation))
         results = []
-        for scored, n in zip(self._scores(rows, "loglikelihood", disable_tqdm), lengths):
-            tail = scored[-n:]
-            results.append((sum(t.logprob for t in tail), all(t.top and t.top[0][0] == t.token_id for t in tail)))
+        for start in range(0, len(rows), self.batch_size):
+            for scored, n in zip(self._scores(rows[start:start + self.batch_size]), lengths[start:]):
+                tail = scored[-n:]
+                results.append((sum(t.logprob for t in tail), all(t.top and t.top[0][0] == t.token_id for t in tail)))
+            self._advance(len(rows[start:start + self.batch_size]))
         return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """A whole text's logprob: windows of the model's length, each token scored once."""
+        return self._by_task("loglikelihood_rolling", requests, self._rolling, disable_tqdm)
+
+    def _rolling(self, requests: list[Any]) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         rows, spans = [], []
@@ -85,23 +122,26 @@ class EngineLM(TemplateLM):
             spans.append(len(windows))
             for context, predicted in windows:
                 rows.append(((context + predicted)[-self.max_length:], len(predicted)))
-        scored = self._scores([r for r, _ in rows], "loglikelihood_rolling", disable_tqdm)
+        scored = self._scores([r for r, _ in rows])
         totals, at = [], 0
         for count in spans:
             totals.append(sum(sum(t.logprob for t in scored[at + i][-rows[at + i][1]:]) for i in range(count)))
             at += count
+        self._advance(len(requests))
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Each context's continuation, cut before the first of its ``until`` strings, requests of
         equal settings batched together."""
+        return self._by_task("generate_until", requests, self._generate, disable_tqdm)
+
+    def _generate(self, requests: list[Any]) -> list[str]:
         from rm_runner.server.choice import Choice, Ending
 
         answers: list[str] = [""] * len(requests)
         groups: dict[tuple[SamplingParams, tuple[str, ...], int], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self._settings(r.args[1]), []).append(i)
-        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
         for (sampling, until, max_gen), indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
@@ -119,8 +159,7 @@ class EngineLM(TemplateLM):
                     if not choice.finished:
                         choice.finish("length")
                     answers[i] = choice.text
-                bar.update(len(chunk))
-        bar.close()
+                self._advance(len(chunk))
         return answers
 
     def _settings(self, gen_kwargs: dict[str, Any]) -> tuple[SamplingParams, tuple[str, ...], int]:

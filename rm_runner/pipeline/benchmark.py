@@ -22,6 +22,7 @@ from rm_runner.benchmark import metrics as schema
 from rm_runner.config import BenchmarkConfig, LoadProfile, ServerConfig
 from rm_runner.errors import ConfigError
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.requests import Request
 from rm_runner.rundir import METRICS
 
@@ -35,7 +36,7 @@ INPROCESS_PROFILES = {LoadProfile.batch, LoadProfile.synchronous}
 Send = Callable[[list[Request], Optional[float], Callable[[], None]], tuple[list[dict[str, Any]], float, dict[str, Any]]]
 
 
-class Benchmark:
+class Benchmark(Step):
     def __init__(self, print_table: bool = True) -> None:
         self.print_table = print_table
 

@@ -19,47 +19,72 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from rm_runner.backends.registry import check_registered
 from rm_runner.config import EvalConfig
 from rm_runner.errors import ConfigError
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
+from rm_runner.rundir import EVAL, EVAL_SAMPLES
 
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "evaluation" / "tasks"
-EVAL, SAMPLES = "eval.json", "eval_samples.jsonl"
 
 
-class Evaluate:
+class Evaluate(Step):
+    def __init__(self) -> None:
+        self.task_manager: Any = None  # lm-eval's, indexed once by check()
+
+    def check(self, ctx: RunContext) -> None:
+        """lm-eval is installed, every task is one it knows, the reference device is registered."""
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError as exc:
+            raise ConfigError(f"pipeline=eval needs lm-evaluation-harness ({exc}): pip install 'rm-runner[eval]'") from None
+        cfg: EvalConfig = OmegaConf.to_object(ctx.cfg.eval)
+        check_registered(cfg.reference_device, "eval.reference_device")
+        for folder in cfg.include_path:
+            if not Path(folder).expanduser().is_dir():
+                raise ConfigError(f"eval.include_path: {folder} is not a folder (give folders of lm-eval task YAML)")
+        self.task_manager = TaskManager(include_path=[str(shipped_tasks(ctx.run_dir.path / "eval_tasks")),
+                                                      *(str(Path(p).expanduser().resolve()) for p in cfg.include_path)])
+        check_tasks(cfg.tasks, self.task_manager.all_tasks)
+
     def __call__(self, ctx: RunContext) -> None:
         from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
 
         from rm_runner.evaluation.lm import EngineLM
 
+        if self.task_manager is None:  # called on its own, not by the runner
+            self.check(ctx)
         cfg: EvalConfig = OmegaConf.to_object(ctx.cfg.eval)
-        manager = TaskManager(include_path=[str(shipped_tasks(ctx.run_dir.path / "eval_tasks")),
-                                            *(str(Path(p).expanduser().resolve()) for p in cfg.include_path)])
-        check_tasks(cfg.tasks, manager.all_tasks)
         log.info("eval: %s on %s (limit %s, %s-shot)", ", ".join(cfg.tasks), ctx.engine.name, cfg.limit,
                  "task" if cfg.num_fewshot is None else cfg.num_fewshot)
         began = time.perf_counter()
+        lm = EngineLM(ctx.engine, batch_size=cfg.batch_size)
         results = simple_evaluate(
-            model=EngineLM(ctx.engine, batch_size=cfg.batch_size), tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit, task_manager=manager, log_samples=True, apply_chat_template=cfg.apply_chat_template,
+            model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit, task_manager=self.task_manager, log_samples=True, apply_chat_template=cfg.apply_chat_template,
             random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
             fewshot_random_seed=cfg.seed, bootstrap_iters=1000)
         elapsed = time.perf_counter() - began
         summary = scores(results)
-        record = {"lm_eval_version": version("lm-eval"), "time_s": round(elapsed, 3), "tasks": summary,
-                  "config": OmegaConf.to_container(ctx.cfg.eval)}
+        for task, entry in summary.items():
+            spent = lm.task_time_s.get(task)  # a group's scores are its tasks': no time of its own
+            entry["time_s"] = round(spent, 3) if spent is not None else None
+        # Which device and dtype scored, so a sweep's summary finds eval.reference_device's job.
+        record = {"lm_eval_version": version("lm-eval"), "time_s": round(elapsed, 3), "device": ctx.device.name,
+                  "dtype": ctx.model.dtype.value, "engine": ctx.engine.name, "model": ctx.model.name,
+                  "tasks": summary, "config": OmegaConf.to_container(ctx.cfg.eval, enum_to_str=True)}
         ctx.run_dir.write_json(EVAL, record)
-        ctx.run_dir.write_jsonl(SAMPLES, sample_records(results))
+        ctx.run_dir.write_jsonl(EVAL_SAMPLES, sample_records(results))
         ctx.metrics["eval"] = {task: {name: m["value"] for name, m in entry["metrics"].items()}
                                for task, entry in summary.items()}
         for task, entry in summary.items():
             shown = ", ".join(f"{name} {m['value']:.4f}" + (f" ± {m['stderr']:.4f}" if m["stderr"] is not None else "")
                               for name, m in entry["metrics"].items())
-            print(f"[eval] {task} (n={entry['samples']}): {shown}", flush=True)
+            spent = f", {entry['time_s']:.1f} s" if entry["time_s"] is not None else ""
+            print(f"[eval] {task} (n={entry['samples']}{spent}): {shown}", flush=True)
 
 
 def shipped_tasks(where: Path) -> Path:
@@ -82,16 +107,19 @@ def check_tasks(asked: list[str], known: list[str]) -> None:
 
 
 def scores(results: dict[str, Any]) -> dict[str, Any]:
-    """Per task: its version, documents scored, and each metric (``metric,filter``) with its stderr."""
+    """Per task: its version, documents scored, and each metric (``metric,filter``) with its stderr
+    and whether higher is better (lm-eval's word for the metric)."""
     out: dict[str, Any] = {}
     for task, values in results["results"].items():
+        better = results.get("higher_is_better", {}).get(task) or {}
         metrics = {}
         for key, value in values.items():
             if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
                 continue
             name, flt = key.split(",", 1)
             stderr = values.get(f"{name}_stderr,{flt}")
-            metrics[key] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
+            metrics[key] = {"value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                            "higher_is_better": bool(better.get(name, True))}
         out[task] = {"version": results.get("versions", {}).get(task),
                      "samples": (results.get("n-samples", {}).get(task) or {}).get("effective"), "metrics": metrics}
     return out

@@ -8,12 +8,13 @@ import time
 from typing import Any
 
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.rundir import GENERATIONS
 
 log = logging.getLogger(__name__)
 
 
-class Generate:
+class Generate(Step):
     def __init__(self, print_outputs: bool = True) -> None:
         self.print_outputs = print_outputs
 

@@ -6,12 +6,13 @@ import logging
 import time
 
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.workload import with_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class LoadModel:
+class LoadModel(Step):
     def __call__(self, ctx: RunContext) -> None:
         began = time.perf_counter()
         log.info("resolving model %s from %r", ctx.model.name, ctx.model_source)

@@ -19,6 +19,7 @@ from rm_runner.config import Dtype, ParityConfig
 from rm_runner.engines.local import render
 from rm_runner.errors import RunnerError
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.workload import with_tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,16 @@ class Side:
     logprobs: Optional[list[float]]
 
 
-class Parity:
+class Parity(Step):
     """Reference first, then the run's device; no LoadModel step before it, as it loads the model itself."""
+
+    def check(self, ctx: RunContext) -> None:
+        check_registered(ctx.cfg.parity.reference_device, "parity.reference_device", allow_auto=True)
 
     def __call__(self, ctx: RunContext) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         parity: ParityConfig = OmegaConf.to_object(ctx.cfg.parity)
-        check_registered(parity.reference_device, "parity.reference_device", allow_auto=True)
         path = ctx.model_source.resolve()
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=ctx.model.trust_remote_code)
         ctx.requests = with_tokenizer(ctx.requests, tokenizer, ctx.cfg.workload)

@@ -15,12 +15,13 @@ from omegaconf import OmegaConf
 
 from rm_runner.config import ServerConfig
 from rm_runner.pipeline.context import RunContext
+from rm_runner.pipeline.step import Step
 from rm_runner.rundir import REQUESTS, SERVER
 
 log = logging.getLogger(__name__)
 
 
-class Serve:
+class Serve(Step):
     def __call__(self, ctx: RunContext) -> None:
         from rm_runner.server.host import ApiServer
 

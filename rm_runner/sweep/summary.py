@@ -3,7 +3,10 @@
 A Hydra callback (``on_multirun_end``), so it comes out the same whatever launcher ran the
 jobs: it reads the job directories under the sweep directory (each a run directory with
 ``status.json``, ``overrides.json`` and ``metrics.json``), one row per job, or per job and rate
-under a rate sweep. Also ``python -m rm_runner.sweep.summary SWEEP_DIR`` to redraw it.
+under a rate sweep. A ``pipeline=eval`` job gives one row per task metric (its ``eval.json``),
+with the difference against the reference job (``eval.reference_device`` at
+``eval.reference_dtype``) and the verdict of ``evaluation.difference``; ``eval.png`` draws the
+scores with their stderr. Also ``python -m rm_runner.sweep.summary SWEEP_DIR`` to redraw it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rm_runner.rundir import (METRICS, OVERRIDES, atomic_write_bytes, atomic_write_text, job_dirs,
+from rm_runner.evaluation.difference import RULE, Score, difference, scores_of
+from rm_runner.rundir import (CONFIG, EVAL, METRICS, OVERRIDES, atomic_write_bytes, atomic_write_text, job_dirs,
                               read_json_or_none, read_status)
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,8 @@ FIGURES = (
     ("TPOT p50 s", "tpot_s.p50"),
     ("E2EL p50 s", "e2el_s.p50"),
 )
+# An eval job's columns, one row per task metric.
+EVAL_COLUMNS = ("task", "metric", "score", "stderr", "n", "device", "dtype", "vs reference", "verdict")
 
 
 class SweepSummary(Callback):
@@ -49,6 +55,9 @@ def job_rows(job: Path) -> list[dict[str, Any]]:
     overrides = read_json_or_none(job / OVERRIDES, list) or []
     base = {"job": job.name, "overrides": " ".join(o for o in overrides if not o.startswith("hydra.")),
             "status": status.get("status", "unknown"), "reason": status.get("reason") or ""}
+    record = read_json_or_none(job / EVAL)
+    if record is not None or _pipeline(job) == "eval":
+        return eval_rows(record or {}, base)
     bench = metrics.get("benchmark") or {}
     if bench.get("summary"):
         return benchmark_rows(bench, base)
@@ -62,6 +71,61 @@ def benchmark_rows(bench: dict[str, Any], base: dict[str, Any]) -> list[dict[str
     if bench.get("by_rate"):
         return [{**base, "rate": float(rate), **_figures(summary)} for rate, summary in bench["by_rate"].items()]
     return [{**base, "rate": None, **_figures(bench.get("summary") or {})}]
+
+
+def eval_rows(record: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """An eval job's rows, one per task metric (one row with its status when it has no scores)."""
+    where = {"device": record.get("device"), "dtype": record.get("dtype")}
+    config = record.get("config") or {}
+    reference = (config.get("reference_device", "cpu"), config.get("reference_dtype", "float32"))
+    scores = scores_of(record)
+    if not scores:
+        return [{**base, "kind": "eval", **where, "reference": reference}]
+    return [{**base, "kind": "eval", **where, "reference": reference, "task": score.task, "metric": score.metric,
+             "score": score.value, "stderr": score.stderr, "n": score.samples, "_score": score} for score in scores]
+
+
+def _pipeline(job: Path) -> Optional[str]:
+    """The pipeline a job was asked to run (its config.yaml is written before anything can fail)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(OmegaConf.load(job / CONFIG), "pipeline.name")
+    except Exception:  # no config or an unreadable one: the row keeps its status and reason
+        return None
+
+
+def against_references(rows: list[dict[str, Any]]) -> None:
+    """Fill each eval row's difference from its reference job's same task metric, and the verdict.
+
+    The reference job is an ok eval job on the reference device at the reference dtype; where
+    several are (a sweep over engines too), the one sharing the most overrides with the row's job."""
+    jobs: dict[str, dict[tuple[str, str], Score]] = {}
+    where: dict[str, tuple[Any, Any]] = {}
+    overrides: dict[str, set[str]] = {}
+    for row in rows:
+        if row.get("kind") == "eval" and row["status"] == "ok" and "_score" in row:
+            jobs.setdefault(row["job"], {})[row["_score"].key] = row["_score"]
+            where[row["job"]] = (row.get("device"), row.get("dtype"))
+            overrides[row["job"]] = set(row["overrides"].split())
+    for row in rows:
+        score = row.pop("_score", None)
+        if score is None:
+            continue
+        candidates = [j for j in jobs if where[j] == tuple(row["reference"])]
+        if not candidates:
+            row["verdict"] = "no reference job ({} at {}) in this sweep".format(*row["reference"])
+            continue
+        ref = max(candidates, key=lambda j: len(overrides[j] & overrides[row["job"]]))
+        if ref == row["job"]:
+            row["verdict"] = "reference"
+            continue
+        theirs = jobs[ref].get(score.key)
+        if theirs is None:
+            row["verdict"] = f"not in the reference job {ref}"
+            continue
+        diff = difference(theirs, score)
+        row["vs reference"], row["verdict"] = diff.difference, diff.verdict
 
 
 def _figures(summary: dict[str, Any]) -> dict[str, Optional[float]]:
@@ -80,6 +144,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     common = set.intersection(*(set(s) for s in split)) if len(rows) > 1 else set()
     for row, overrides in zip(rows, split):
         row["label"] = " ".join(o for o in overrides if o not in common) or row["job"]
+    against_references(rows)
     return rows
 
 
@@ -88,7 +153,10 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         log.warning("no jobs under %s", sweep_dir)
         return rows
-    columns = ["job", "label", "overrides", "status", "reason", "rate", *[t for t, _ in FIGURES]]
+    evals = any(r.get("kind") == "eval" for r in rows)
+    performance = any(r.get("kind") != "eval" for r in rows)
+    columns = ["job", "label", "overrides", "status", "reason", *(["rate", *[t for t, _ in FIGURES]] if performance else []),
+               *(EVAL_COLUMNS if evals else [])]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -102,6 +170,20 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The performance table, the eval table, or both (each for the jobs it fits)."""
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    performance = [r for r in rows if r.get("kind") != "eval"]
+    parts = [performance_table(performance)] if performance else []
+    if evals:
+        titles = ["label", "status", "task", "metric", "score", "stderr", "n", "vs reference", "verdict", "reason"]
+        lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+        lines += ["| " + " | ".join(_cell(row.get(t)) for t in titles) + " |" for row in evals]
+        lines.append(f"\nReference: each job's eval.reference_device at eval.reference_dtype. Rule: {RULE}.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def performance_table(rows: list[dict[str, Any]]) -> str:
     rated = any(r.get("rate") is not None for r in rows)
     titles = ["label", "status", *(["rate"] if rated else []), *[t for t, _ in FIGURES], "reason"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
@@ -127,7 +209,8 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if r["status"] == "ok" and r.get("output tok/s") is not None]
-    if not done:
+    scored = [r for r in rows if r["status"] == "ok" and r.get("score") is not None]
+    if not done and not scored:
         return []
     written = []
 
@@ -170,7 +253,33 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title("latency against throughput (request rate sweep)")
         ax.legend(fontsize=7)
         save(fig, "latency_vs_throughput.png")
+    if scored:
+        save(_eval_figure(plt, scored), "eval.png")
     return written
+
+
+def _eval_figure(plt: Any, rows: list[dict[str, Any]]) -> Any:
+    """One panel per task metric: a bar per job with its stderr, the reference job hatched."""
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(4.5, 1.1 * len({r["job"] for r in rows}) + 2) * len(keys), 4),
+                             squeeze=False)
+    for ax, (task, metric) in zip(axes[0], keys):
+        mine = [r for r in rows if (r["task"], r["metric"]) == (task, metric)]
+        bars = ax.bar([r["label"] for r in mine], [r["score"] for r in mine],
+                      yerr=[r.get("stderr") or 0 for r in mine], capsize=4, color="tab:blue")
+        for bar, row in zip(bars, mine):
+            if row.get("verdict") == "reference":
+                bar.set_facecolor("lightgray")
+                bar.set_edgecolor("black")
+                bar.set_hatch("//")
+            elif row.get("verdict"):
+                ax.annotate(row["verdict"], (bar.get_x() + bar.get_width() / 2, 0), xytext=(0, 3),
+                            textcoords="offset points", ha="center", fontsize=7, rotation=90, va="bottom", color="white")
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        ax.set_ylabel("score (± stderr)")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("score per job; the reference job hatched", fontsize=10)
+    return fig
 
 
 def main() -> None:
