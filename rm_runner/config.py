@@ -181,6 +181,7 @@ class LoadProfile(str, Enum):
     concurrent = "concurrent"  # at most load.concurrency in flight (over HTTP)
     poisson = "poisson"        # arrivals at load.rate requests/s, exponential gaps (over HTTP)
     sweep = "sweep"            # poisson at each of load.rates in turn (over HTTP)
+    capacity = "capacity"      # the highest poisson rate within benchmark.slo (over HTTP)
 
 
 @dataclass
@@ -190,14 +191,83 @@ class LoadConfig:
     rate: float = 4.0
     rates: list[float] = field(default_factory=list)
     seed: int = 0
+    # capacity: stop once the bracket (highest rate met, lowest missed) is this narrow, relative,
+    # or after this many Poisson probes.
+    tolerance: float = 0.1
+    max_probes: int = 8
 
     def __post_init__(self) -> None:
+        if not 0 < self.tolerance < 1 or self.max_probes < 2:
+            raise ValueError("benchmark.load.tolerance must be in (0, 1) and benchmark.load.max_probes >= 2")
         if self.concurrency < 1:
             raise ValueError(f"benchmark.load.concurrency must be >= 1, got {self.concurrency}")
         if self.rate <= 0 or any(r <= 0 for r in self.rates):
             raise ValueError("benchmark.load.rate and benchmark.load.rates must be > 0 requests/s")
         if self.profile == LoadProfile.sweep and not self.rates:
             raise ValueError("benchmark.load.profile=sweep needs benchmark.load.rates, e.g. [1,2,4]")
+
+
+@dataclass
+class Objective:
+    """One latency objective: a request meets it at or under ``max`` seconds (its own TTFT,
+    TPOT, E2EL; for ITL its own gaps' ``p``-th percentile); the run reports its ``p``-th
+    percentile against ``max`` too (MLPerf's form: TTFT p99 <= 2 s). ``max`` null: no objective."""
+
+    max: Optional[float] = None
+    p: float = 99.0
+
+
+# MLPerf Inference's LLM server scenarios (Llama-3.1-8B): server TTFT p99 2 s, TPOT p99 100 ms;
+# interactive 0.5 s / 30 ms.
+SLO_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
+    "mlperf-server": {"ttft_s": (2.0, 99.0), "tpot_s": (0.1, 99.0)},
+    "mlperf-interactive": {"ttft_s": (0.5, 99.0), "tpot_s": (0.03, 99.0)},
+}
+SLO_FIGURES = ("ttft_s", "tpot_s", "itl_s", "e2el_s")
+
+
+@dataclass
+class SLOConfig:
+    """``benchmark.slo``: the latency a request must meet to count as served (goodput, as
+    DistServe and vLLM bench's --goodput define it: a request meets every objective or none)."""
+
+    preset: Optional[str] = None  # mlperf-server | mlperf-interactive: objectives not set here
+    ttft_s: Objective = field(default_factory=Objective)
+    tpot_s: Objective = field(default_factory=Objective)
+    itl_s: Objective = field(default_factory=Objective)
+    e2el_s: Objective = field(default_factory=Objective)
+    attainment: float = 0.9  # the fraction of requests that must meet the SLO (capacity search)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in SLO_PRESETS:
+            raise ValueError(f"benchmark.slo.preset={self.preset} is not a preset; presets: {', '.join(SLO_PRESETS)}")
+        for name, (limit, p) in SLO_PRESETS.get(self.preset or "", {}).items():
+            if getattr(self, name).max is None:
+                setattr(self, name, Objective(limit, p))
+        for name in SLO_FIGURES:
+            objective = getattr(self, name)
+            if objective.max is not None and objective.max <= 0:
+                raise ValueError(f"benchmark.slo.{name}.max must be > 0 seconds, got {objective.max}")
+            if not 0 < objective.p <= 100:
+                raise ValueError(f"benchmark.slo.{name}.p must be a percentile in (0, 100], got {objective.p}")
+        if not 0 < self.attainment <= 1:
+            raise ValueError(f"benchmark.slo.attainment must be in (0, 1], got {self.attainment}")
+
+    def objectives(self) -> dict[str, Objective]:
+        """The objectives set, by figure name."""
+        return {name: getattr(self, name) for name in SLO_FIGURES if getattr(self, name).max is not None}
+
+
+@dataclass
+class EnergyConfig:
+    """``benchmark.energy``: the device's own meter around the measured passes (never an estimate)."""
+
+    enabled: bool = True
+    idle_s: float = 2.0  # idle power measured this long before the passes and subtracted (0: none)
+
+    def __post_init__(self) -> None:
+        if self.idle_s < 0:
+            raise ValueError(f"benchmark.energy.idle_s must be >= 0 seconds, got {self.idle_s}")
 
 
 @dataclass
@@ -210,12 +280,17 @@ class BenchmarkConfig:
     warmup: int = 1  # unmeasured passes over (up to 4 of) the workload's requests
     repetitions: int = 3  # measured passes; figures are per repetition and their spread
     load: LoadConfig = field(default_factory=LoadConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)  # none set: no goodput figures
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def __post_init__(self) -> None:
         if self.target not in ("auto", "engine", "api"):
             raise ValueError(f"benchmark.target must be auto, engine or api, got {self.target!r}")
         if self.warmup < 0 or self.repetitions < 1:
             raise ValueError("benchmark.warmup must be >= 0 and benchmark.repetitions >= 1")
+        if self.load.profile == LoadProfile.capacity and not self.slo.objectives():
+            raise ValueError("benchmark.load.profile=capacity searches for the highest rate within a latency SLO: "
+                             "set one, e.g. benchmark.slo.preset=mlperf-server or benchmark.slo.ttft_s.max=SECONDS")
 
 
 @dataclass

@@ -163,6 +163,13 @@ class Backend(ABC):
         """Peak device memory in GiB where the device reports it (GPU), else None."""
         return None
 
+    def energy_meter(self, model_config: Any) -> Any:
+        """The device's own energy meter (``benchmark.energy.Meter``) for the devices running
+        ``model_config``; raises ``EnergyUnavailable`` saying what is missing."""
+        from rm_runner.benchmark.energy import EnergyUnavailable
+
+        raise EnergyUnavailable(f"device={self.name} has no energy meter rm_runner reads")
+
     @abstractmethod
     def cleanup(self) -> None:
         """Release the device; safe to call twice."""

@@ -149,6 +149,12 @@ class CPUBackend(TransformersTorchBackend):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                            pad_token_id=model.generation_config.pad_token_id or 0)
 
+    def energy_meter(self, model_config: Any) -> Any:
+        """The CPU packages' RAPL counters: the whole package (the client and the server in it too)."""
+        from rm_runner.benchmark.energy import rapl
+
+        return rapl()
+
     def cleanup(self) -> None:
         from rm_runner.backends import cpu_linear
 

@@ -150,6 +150,11 @@ class GPUBackend(TransformersTorchBackend):
         return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(index) / 2**30, 3),
                 "peak_reserved_gib": round(torch.cuda.max_memory_reserved(index) / 2**30, 3)}
 
+    def energy_meter(self, model_config: Any) -> Any:
+        from rm_runner.benchmark.energy import NvmlMeter
+
+        return NvmlMeter([self.options.device_id])
+
     def torch_device(self) -> str:
         return f"cuda:{self.options.device_id}"
 

@@ -365,6 +365,13 @@ class RBLNBackend(Backend):
             return batches.forward(model, inputs, kwargs)
         return batches.generate(model, inputs, kwargs)
 
+    def energy_meter(self, model_config: Any) -> Any:
+        """rbln-smi's power of the NPUs the model runs on, sampled."""
+        from rm_runner.benchmark.energy import rbln_smi
+
+        npus = self.options.device or list(range(self.options.resolved_num_devices(model_config.name)))
+        return rbln_smi(npus, lambda: tool_output("rbln-smi"))
+
     def cleanup(self) -> None:
         import gc
 

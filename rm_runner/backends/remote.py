@@ -89,5 +89,10 @@ class RemoteBackend(Backend):
     def execute(self, model: Any, inputs: dict[str, Any], method: str = "generate", **kwargs: Any) -> Any:
         raise RunnerError("device=remote runs rm_runner's requests (engines), not generate() keywords or logits")
 
+    def energy_meter(self, model_config: Any) -> Any:
+        from rm_runner.benchmark.energy import EnergyUnavailable
+
+        raise EnergyUnavailable("device=remote: the model runs on a server elsewhere, whose meters are not read here")
+
     def cleanup(self) -> None:
         """Nothing to release: the server is not ours."""

@@ -4,7 +4,9 @@ Every request streams (``stream_options.include_usage`` gives the exact output t
 the arrival of each content chunk is a token time, as in ``vllm bench serve``. Profiles:
 synchronous (one at a time), concurrent (at most N in flight, all queued at t=0), poisson
 (seeded exponential gaps at ``rate`` requests/s). Chat requests go to ``/chat/completions``,
-raw prompts and token-id prompts to ``/completions``.
+raw prompts and token-id prompts to ``/completions``. With ``stop`` (a capacity probe: the SLO's
+objectives and how many requests may miss it), the pass ends as soon as more have missed it:
+requests not yet sent are not sent, those in flight are cancelled (the server frees their rows).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from rm_runner.config import GenerationConfig, LoadProfile
@@ -24,22 +26,40 @@ from rm_runner.errors import RunnerError
 from rm_runner.requests import Request, SamplingParams
 
 
+Result = tuple[list[dict[str, Any]], float, bool]  # records (the requests that ended), duration, stopped early
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End a pass once more than ``misses_allowed`` requests have missed the SLO ``objectives``
+    (figure -> (max seconds, percentile))."""
+
+    objectives: dict[str, tuple[float, float]]
+    misses_allowed: int
+
+    def missed(self, record: dict[str, Any]) -> bool:
+        from rm_runner.benchmark.metrics import meets
+        from rm_runner.config import Objective
+
+        return not meets(record, {name: Objective(m, p) for name, (m, p) in self.objectives.items()})
+
+
 def run(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
         profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
-        on_request_done: Callable[[], None] = lambda: None) -> tuple[list[dict[str, Any]], float]:
-    """All requests once under ``profile``; returns the per-request records and the duration."""
+        on_request_done: Callable[[], None] = lambda: None, stop: Optional[Stop] = None) -> Result:
+    """All requests once under ``profile`` (or until ``stop``); the per-request records, the duration."""
     return asyncio.run(_run(base_url, model, api_key, requests, generation, profile, concurrency, rate, seed,
-                            on_request_done))
+                            on_request_done, stop))
 
 
 def run_in_subprocess(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
                       profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
-                      on_request_done: Callable[[], None] = lambda: None) -> tuple[list[dict[str, Any]], float]:
+                      on_request_done: Callable[[], None] = lambda: None, stop: Optional[Stop] = None) -> Result:
     """``run`` in a process of its own: for a server hosted in this process, whose model thread a
     client here would slow down (one GIL), as real clients never do."""
     spec = {"base_url": base_url, "model": model, "requests": [asdict(r) for r in requests],
             "generation": asdict(generation), "profile": profile.value, "concurrency": concurrency, "rate": rate,
-            "seed": seed}
+            "seed": seed, "stop": asdict(stop) if stop else None}
     proc = subprocess.Popen([sys.executable, "-m", "rm_runner.benchmark.http_load"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "RM_RUNNER_LOAD_API_KEY": api_key})
     last = ""
@@ -58,23 +78,25 @@ def run_in_subprocess(base_url: str, model: str, api_key: str, requests: list[Re
     if proc.returncode != 0:
         raise RunnerError(f"the load generator exited with {proc.returncode} (its error is above)")
     result = json.loads(last)
-    return result["records"], result["duration_s"]
+    return result["records"], result["duration_s"], result["stopped_early"]
 
 
 def _main() -> None:
     """``python -m rm_runner.benchmark.http_load``: a spec on stdin, "done" per request and the
     result as the last line on stdout; the API key comes in $RM_RUNNER_LOAD_API_KEY."""
     spec = json.loads(sys.stdin.read())
-    records, duration = run(spec["base_url"], spec["model"], os.environ.get("RM_RUNNER_LOAD_API_KEY", "EMPTY"),
-                            [Request(**r) for r in spec["requests"]], GenerationConfig(**spec["generation"]),
-                            LoadProfile(spec["profile"]), spec["concurrency"], spec["rate"], spec["seed"],
-                            lambda: print("done", flush=True))
-    print(json.dumps({"records": records, "duration_s": duration}), flush=True)
+    stop = spec.get("stop")
+    records, duration, early = run(
+        spec["base_url"], spec["model"], os.environ.get("RM_RUNNER_LOAD_API_KEY", "EMPTY"),
+        [Request(**r) for r in spec["requests"]], GenerationConfig(**spec["generation"]), LoadProfile(spec["profile"]),
+        spec["concurrency"], spec["rate"], spec["seed"], lambda: print("done", flush=True),
+        Stop({k: tuple(v) for k, v in stop["objectives"].items()}, stop["misses_allowed"]) if stop else None)
+    print(json.dumps({"records": records, "duration_s": duration, "stopped_early": early}), flush=True)
 
 
 async def _run(base_url: str, model: str, api_key: str, requests: list[Request], generation: GenerationConfig,
                profile: LoadProfile, concurrency: int, rate: Optional[float], seed: int,
-               on_request_done: Callable[[], None]) -> tuple[list[dict[str, Any]], float]:
+               on_request_done: Callable[[], None], stop: Optional[Stop]) -> Result:
     import httpx
     from openai import AsyncOpenAI
 
@@ -84,8 +106,11 @@ async def _run(base_url: str, model: str, api_key: str, requests: list[Request],
     gate = asyncio.Semaphore(limit) if limit else None
     rng = random.Random(seed)
     began = time.perf_counter()
+    hopeless = asyncio.Event()  # more requests missed the SLO than stop allows
+    misses = 0
 
     async def one(request: Request, delay: float) -> dict[str, Any]:
+        nonlocal misses
         if delay:
             await asyncio.sleep(delay)  # the request's scheduled arrival, not a wait for readiness
         if gate is not None:
@@ -94,17 +119,30 @@ async def _run(base_url: str, model: str, api_key: str, requests: list[Request],
         else:
             record = await _send(client, model, request, generation, began)
         on_request_done()
+        if stop is not None and stop.missed(record):
+            misses += 1
+            if misses > stop.misses_allowed:
+                hopeless.set()
         return record
 
     delays, at = [], 0.0
     for _ in requests:
         delays.append(at if profile == LoadProfile.poisson else 0.0)
         at += rng.expovariate(rate) if profile == LoadProfile.poisson and rate else 0.0
+    tasks = [asyncio.create_task(one(r, d)) for r, d in zip(requests, delays)]
+    watch = asyncio.create_task(hopeless.wait())
+    everything = asyncio.gather(*tasks, return_exceptions=True)
     try:
-        records = await asyncio.gather(*(one(r, d) for r, d in zip(requests, delays)))
+        await asyncio.wait([everything, watch], return_when=asyncio.FIRST_COMPLETED)
+        if hopeless.is_set():
+            for task in tasks:
+                task.cancel()
+        await everything
     finally:
+        watch.cancel()
         await client.close()
-    return list(records), time.perf_counter() - began
+    records = [t.result() for t in tasks if not t.cancelled()]
+    return records, time.perf_counter() - began, hopeless.is_set()
 
 
 async def _send(client: Any, model: str, request: Request, generation: GenerationConfig, began: float) -> dict[str, Any]:

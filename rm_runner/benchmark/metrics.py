@@ -17,6 +17,19 @@ Per repetition (``metrics.json`` → ``benchmark.repetitions[i]``):
   batch's first step) and ``decode_throughput`` (tokens after the first over the time after the
   first step).
 
+With a latency SLO (``benchmark.slo``: any of ttft_s, tpot_s, itl_s, e2el_s with a ``max`` and a
+percentile ``p``), each record also says ``slo_met``: whether the request met every objective (its
+own TTFT, TPOT (0 for one token, as vLLM bench's --goodput), E2EL at or under the max; for ITL
+its own gaps' p-th percentile; a failed request meets none), and each repetition adds
+``request_goodput`` and ``output_goodput`` (req/s and output tok/s of the requests that met it),
+``slo_attainment`` (their fraction of all requests) and ``slo``: per objective the run's p-th
+percentile against its max, the count of good requests, and whether the attainment reached
+``benchmark.slo.attainment``.
+
+Where the device's meter is readable (``benchmark.energy``), each repetition also has ``energy``:
+joules gross and net of idle, average watts, joules per output token and per request, output
+tokens per joule; otherwise ``benchmark.energy`` is null and ``energy_unavailable`` says why.
+
 Across repetitions (``benchmark.summary``): each headline figure (``HEADLINE``) as mean, stdev,
 min, max and n, so a comparison can tell a change from noise. Under a rate sweep the same is
 given per rate in ``benchmark.by_rate``. Model load, compile and warm-up times are kept apart
@@ -26,31 +39,90 @@ given per rate in ``benchmark.by_rate``. Model load, compile and warm-up times a
 from __future__ import annotations
 
 import statistics
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol
 
 SCHEMA = "rm_runner.benchmark/1"
 # The scalar figures compared across repetitions and runs; dotted names reach into a statistic.
 HEADLINE = ("output_throughput", "request_throughput", "total_token_throughput",
-            "ttft_s.p50", "tpot_s.p50", "itl_s.p50", "e2el_s.p50")
+            "ttft_s.p50", "tpot_s.p50", "itl_s.p50", "e2el_s.p50",
+            "request_goodput", "output_goodput", "slo_attainment", "energy.output_tokens_per_joule")
+
+
+class Objective(Protocol):
+    """``config.Objective``: seconds and a percentile."""
+
+    max: Optional[float]
+    p: float
+
+
+def percentile(data: list[float], p: float) -> float:
+    """The ``p``-th percentile (0-100) of sorted ``data``: inclusive linear interpolation, numpy's default."""
+    pos = (len(data) - 1) * p / 100
+    low = int(pos)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (pos - low)
 
 
 def stats(values: Iterable[float]) -> Optional[dict[str, float]]:
-    """Mean, p50, p90, p99 (inclusive linear interpolation, as numpy's default)."""
+    """Mean, p50, p90, p99."""
     data = sorted(values)
     if not data:
         return None
-
-    def pct(q: float) -> float:
-        pos = (len(data) - 1) * q
-        low = int(pos)
-        high = min(low + 1, len(data) - 1)
-        return data[low] + (data[high] - data[low]) * (pos - low)
-
-    return {"mean": _r(statistics.fmean(data)), "p50": _r(pct(0.5)), "p90": _r(pct(0.9)), "p99": _r(pct(0.99))}
+    return {"mean": _r(statistics.fmean(data)), "p50": _r(percentile(data, 50)), "p90": _r(percentile(data, 90)),
+            "p99": _r(percentile(data, 99))}
 
 
-def summarize_repetition(records: list[dict[str, Any]], duration_s: float) -> dict[str, Any]:
-    """One repetition's figures from its per-request records."""
+def request_figures(record: dict[str, Any]) -> dict[str, Optional[float]]:
+    """One request's TTFT, TPOT and E2EL as the SLO reads them (TPOT 0 for one token, vLLM's rule)."""
+    ttft, out = record["ttft_s"], record["output_tokens"]
+    tpot = None if ttft is None else ((record["e2el_s"] - ttft) / (out - 1) if out > 1 else 0.0)
+    return {"ttft_s": ttft, "tpot_s": tpot, "e2el_s": record["e2el_s"]}
+
+
+def meets(record: dict[str, Any], objectives: dict[str, Objective]) -> bool:
+    """Whether one request met every objective (a failed one meets none)."""
+    if not record["ok"]:
+        return False
+    figures = request_figures(record)
+    for name, objective in objectives.items():
+        if name == "itl_s":
+            gaps = sorted(record["itl_s"])
+            value: Optional[float] = percentile(gaps, objective.p) if gaps else 0.0
+        else:
+            value = figures[name]
+        if value is None or value > objective.max:
+            return False
+    return True
+
+
+def slo_figures(records: list[dict[str, Any]], duration_s: float, objectives: dict[str, Objective],
+                attainment: float) -> dict[str, Any]:
+    """Goodput and attainment of one repetition, marking each record's ``slo_met``."""
+    good = []
+    for record in records:
+        record["slo_met"] = meets(record, objectives)
+        if record["slo_met"]:
+            good.append(record)
+    series = latency_series([r for r in records if r["ok"]])
+    judged = {}
+    for name, objective in objectives.items():
+        data = sorted(series[name])
+        value = _r(percentile(data, objective.p)) if data else None
+        judged[name] = {"max": objective.max, "p": objective.p, "value": value,
+                        "met": value is not None and value <= objective.max}
+    share = len(good) / len(records) if records else 0.0
+    return {
+        "request_goodput": _r(len(good) / duration_s) if duration_s > 0 else None,
+        "output_goodput": _r(sum(r["output_tokens"] for r in good) / duration_s) if duration_s > 0 else None,
+        "slo_attainment": _r(share),
+        "slo": {"objectives": judged, "good": len(good), "requests": len(records), "attainment_target": attainment,
+                "attained": share >= attainment},
+    }
+
+
+def summarize_repetition(records: list[dict[str, Any]], duration_s: float,
+                         objectives: Optional[dict[str, Objective]] = None, attainment: float = 0.9) -> dict[str, Any]:
+    """One repetition's figures from its per-request records (with goodput where ``objectives``)."""
     ok = [r for r in records if r["ok"]]
     out_tokens = sum(r["output_tokens"] for r in ok)
     prompt_tokens = sum(r["prompt_tokens"] for r in ok)
@@ -63,6 +135,8 @@ def summarize_repetition(records: list[dict[str, Any]], duration_s: float) -> di
         "total_token_throughput": _r((out_tokens + prompt_tokens) / duration_s) if duration_s > 0 else None,
         **{figure: stats(values) for figure, values in latency_series(ok).items()},
     }
+    if objectives:
+        summary.update(slo_figures(records, duration_s, objectives, attainment))
     return summary
 
 

@@ -35,6 +35,10 @@ FIGURES = (
     ("TTFT p50 s", "ttft_s.p50"),
     ("TPOT p50 s", "tpot_s.p50"),
     ("E2EL p50 s", "e2el_s.p50"),
+    ("goodput req/s", "request_goodput"),
+    ("SLO met", "slo_attainment"),
+    ("capacity req/s", "capacity_rps"),
+    ("tok/J", "energy.output_tokens_per_joule"),
 )
 # An eval job's columns, one row per task metric.
 EVAL_COLUMNS = ("task", "metric", "score", "stderr", "n", "device", "dtype", "vs reference", "verdict")
@@ -67,9 +71,12 @@ def job_rows(job: Path) -> list[dict[str, Any]]:
 
 
 def benchmark_rows(bench: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
-    """A benchmark section's rows: one per rate under a rate sweep, else one."""
+    """A benchmark section's rows: one per rate under a rate sweep or a capacity search's probes
+    (each with the capacity found), else one."""
     if bench.get("by_rate"):
-        return [{**base, "rate": float(rate), **_figures(summary)} for rate, summary in bench["by_rate"].items()]
+        found = (bench.get("capacity") or {}).get("capacity_rps")
+        return [{**base, "rate": float(rate), **_figures(summary), **({"capacity req/s": found} if found is not None else {})}
+                for rate, summary in bench["by_rate"].items()]
     return [{**base, "rate": None, **_figures(bench.get("summary") or {})}]
 
 
@@ -184,8 +191,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def performance_table(rows: list[dict[str, Any]]) -> str:
+    """One row per job (and rate); a figure no job has (goodput without an SLO) is left out."""
     rated = any(r.get("rate") is not None for r in rows)
-    titles = ["label", "status", *(["rate"] if rated else []), *[t for t, _ in FIGURES], "reason"]
+    shown = [t for t, _ in FIGURES if any(r.get(t) is not None for r in rows)]
+    titles = ["label", "status", *(["rate"] if rated else []), *shown, "reason"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in rows:
         cells = [_cell(row.get(t)) for t in titles]

@@ -1,0 +1,97 @@
+"""The capacity search: its bracket on a known answer, its ends, and a real search against the API
+(records, probes and the answer agree; a hopeless pass stops early)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rm_runner.benchmark.capacity import Probe, misses_allowed, search
+from rm_runner.errors import ConfigError
+from tests.conftest import compose_run
+
+
+def server(capacity: float):
+    """A probe that meets the SLO at or below ``capacity`` req/s, and the rates it was asked."""
+    asked: list[float] = []
+
+    def probe(rate: float) -> Probe:
+        asked.append(rate)
+        return Probe(rate, 1.0 if rate <= capacity else 0.5, rate <= capacity)
+
+    return probe, asked
+
+
+def test_misses_allowed() -> None:
+    assert misses_allowed(48, 0.9) == 4 and misses_allowed(10, 0.9) == 1 and misses_allowed(10, 1.0) == 0
+    assert misses_allowed(16, 0.5) == 8
+
+
+@pytest.mark.parametrize("truth", [0.3, 1.9, 3.7, 7.9])
+def test_the_bracket_holds_the_answer_and_is_as_narrow_as_asked(truth: float) -> None:
+    probe, asked = server(truth)
+    found = search((2.0, True), lambda: 8.0, probe, tolerance=0.1, max_probes=12)
+    assert found.met_rate <= truth < found.unmet_rate and found.capacity == found.met_rate
+    assert (found.unmet_rate - found.met_rate) / found.met_rate <= 0.1 and found.reason == "bracket within 10%"
+    assert asked[:2] == ([8.0, 2.0]) and len(found.probes) == len(asked) <= 12
+    assert [p.rate for p in found.probes] == asked
+
+
+def test_the_ends_of_the_search() -> None:
+    probe, asked = server(5.0)
+    missed_alone = search((2.0, False), lambda: pytest.fail("not measured"), probe)
+    assert missed_alone.capacity == 0 and missed_alone.unmet_rate == 2.0 and asked == []
+    unbound = search((2.0, True), lambda: 4.0, probe)
+    assert unbound.capacity == 4.0 and unbound.unmet_rate is None and asked == [4.0] and "does not bind" in unbound.reason
+    probe, asked = server(0.001)
+    hopeless = search((2.0, True), lambda: 8.0, probe, max_probes=5)
+    assert hopeless.capacity == 0 and hopeless.met_rate is None and asked == [8.0, 2.0, 1.0, 0.5, 0.25]
+    probe, asked = server(3.0)
+    spent = search((1.0, True), lambda: 100.0, probe, tolerance=0.01, max_probes=4)
+    assert spent.capacity == 1.0 and spent.unmet_rate == 25.75 and "4 probes spent" in spent.reason
+
+
+def test_capacity_needs_an_slo_and_the_http_target(tiny) -> None:
+    from rm_runner.config import validated
+
+    with pytest.raises(ConfigError, match=r"profile=capacity searches for the highest rate within a latency SLO: set one"):
+        validated(compose_run("pipeline=benchmark", "benchmark.load.profile=capacity"))
+    with pytest.raises(ConfigError, match=r"profile=capacity does not apply to the in-process target"):
+        tiny("pipeline=benchmark", "benchmark.load.profile=capacity", "benchmark.slo.preset=mlperf-server")
+
+
+COMMON = ("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=capacity", "benchmark.warmup=0",
+          "generation.max_new_tokens=8", "generation.ignore_eos=true", "benchmark.load.concurrency=8",
+          "pipeline.steps.1.print_table=false")
+
+
+def test_a_pass_that_cannot_meet_the_slo_stops_early(tiny) -> None:
+    run = tiny(*COMMON, "benchmark.slo.ttft_s.max=0.000001")
+    bench = run.read_json("metrics.json")["benchmark"]
+    (synchronous,) = bench["repetitions"]
+    requests = bench["requests"]
+    allowed = misses_allowed(requests, 0.9)
+    assert synchronous["probe"] == "synchronous" and synchronous["stopped_early"] is True
+    assert len(run.read_jsonl("benchmark.jsonl")) == allowed + 1 < requests  # one at a time: then it stopped
+    assert synchronous["slo"] == {**synchronous["slo"], "good": 0, "requests": requests, "attained": False}
+    assert bench["capacity"]["capacity_rps"] == 0 and "one request at a time" in bench["capacity"]["reason"]
+
+
+def test_a_capacity_search_against_the_api_keeps_every_probe(tiny) -> None:
+    run = tiny(*COMMON, "benchmark.slo.e2el_s.max=1.0", "benchmark.load.max_probes=4", "benchmark.load.tolerance=0.3")
+    bench = run.read_json("metrics.json")["benchmark"]
+    records = run.read_jsonl("benchmark.jsonl")
+    reps = bench["repetitions"]
+    assert [r["probe"] for r in reps[:2]] == ["synchronous", "saturated"] and len(reps) <= 2 + 4
+    for rep in reps:  # each pass's verdict is its own records'
+        mine = [r for r in records if r["repetition"] == rep["repetition"]]
+        assert rep["slo"]["good"] == sum(r["ok"] and r["e2el_s"] <= 1.0 for r in mine)
+        assert rep["slo"]["attained"] == (not rep.get("stopped_early") and rep["slo"]["good"] >= 0.9 * bench["requests"])
+    probes = [r for r in reps if r["probe"] == "poisson"]
+    met = [p["rate"] for p in probes if p["slo"]["attained"]]
+    missed = [p["rate"] for p in probes if not p["slo"]["attained"]]
+    found = bench["capacity"]
+    assert found["capacity_rps"] == pytest.approx(max(met) if met else 0.0, abs=1e-4)
+    assert found["bracket"] == [pytest.approx(max(met), abs=1e-4) if met else None,
+                                pytest.approx(min(missed), abs=1e-4) if missed else None]
+    assert set(bench["by_rate"]) == {f"{p['rate']:.4g}" for p in probes}
+    assert bench["summary"]["capacity_rps"]["mean"] == found["capacity_rps"]
