@@ -86,12 +86,31 @@ def run(cfg: DictConfig, path: str | Path, overrides: list[str] | None = None) -
     """Run ``cfg`` into the directory ``path``; the status file says ok or failed and why."""
     run_dir = RunDir(path)
     run_dir.set_status("running")
-    with _sigterm_as_interrupt():
-        skipped = _run(cfg, run_dir, overrides)
-    if skipped is None:
-        run_dir.set_status("ok")
+    try:
+        with _sigterm_as_interrupt():
+            skipped = _run(cfg, run_dir, overrides)
+        if skipped is None:
+            run_dir.set_status("ok")
+    finally:
+        _report(run_dir)
     log.info("run directory: %s", run_dir.path)
     return run_dir
+
+
+def _report(run_dir: RunDir) -> None:
+    """``report.html``, however the run ended; a report that cannot be written never fails the run."""
+    from rm_runner.report import write_run_report
+
+    try:
+        metrics = run_dir.read_json(METRICS) if (run_dir.path / METRICS).exists() else {}
+        tables = ""
+        if isinstance(metrics.get("benchmark"), dict) and metrics["benchmark"].get("summary"):
+            from rm_runner.pipeline.benchmark import table
+
+            tables = table(metrics["benchmark"])
+        write_run_report(run_dir.path, tables)
+    except Exception as exc:  # the run's own outcome stands; say why there is no report
+        log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
 
 
 def _run(cfg: DictConfig, run_dir: RunDir, overrides: list[str] | None) -> str | None:

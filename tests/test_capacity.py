@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from rm_runner.benchmark.capacity import Probe, misses_allowed, search
@@ -95,3 +98,40 @@ def test_a_capacity_search_against_the_api_keeps_every_probe(tiny) -> None:
                                 pytest.approx(min(missed), abs=1e-4) if missed else None]
     assert set(bench["by_rate"]) == {f"{p['rate']:.4g}" for p in probes}
     assert bench["summary"]["capacity_rps"]["mean"] == found["capacity_rps"]
+
+
+def capacity_job(path: Path, found: float, bracket: list, rates: dict[float, float], tok_per_j: float) -> None:
+    """A capacity run's metrics.json from the schema's own functions: a probe per rate whose
+    requests take ``tpot`` seconds per token."""
+    from rm_runner.benchmark.metrics import across, summarize_repetition
+    from rm_runner.config import Objective
+
+    by_rate, reps = {}, []
+    for rate, tpot in rates.items():
+        records = [{"ok": True, "ttft_s": 0.1, "e2el_s": 0.1 + 9 * tpot, "output_tokens": 10, "prompt_tokens": 5,
+                    "itl_s": [tpot] * 9, "start_s": 0.0, "error": None} for _ in range(4)]
+        rep = {**summarize_repetition(records, 2.0, {"tpot_s": Objective(0.2)}), "probe": "poisson", "rate": rate,
+               "energy": {"output_tokens_per_joule": tok_per_j}}
+        reps.append(rep)
+        by_rate[f"{rate:.4g}"] = across([rep])
+    bench = {"summary": {"capacity_rps": {"mean": found, "stdev": 0.0, "n": 1}}, "by_rate": by_rate,
+             "repetitions": reps, "capacity": {"capacity_rps": found, "bracket": bracket, "probes": len(rates)}}
+    path.mkdir(parents=True)
+    (path / "status.json").write_text(json.dumps({"status": "ok"}))
+    (path / "overrides.json").write_text(json.dumps([f"device={path.name.split('=')[-1]}"]))
+    (path / "metrics.json").write_text(json.dumps({"benchmark": bench}))
+
+
+def test_a_capacity_sweep_draws_capacity_pareto_and_energy(tmp_path: Path) -> None:
+    from rm_runner.sweep.summary import write_summary
+
+    sweep = tmp_path / "sweep"
+    capacity_job(sweep / "0_device=cpu", 2.0, [2.0, 2.5], {4.0: 0.3, 2.0: 0.1}, 3.0)
+    capacity_job(sweep / "1_device=gpu", 40.0, [40.0, None], {40.0: 0.01}, 30.0)
+    rows = write_summary(sweep)
+    assert {(r["label"], r["rate"], r["capacity req/s"]) for r in rows} == {
+        ("device=cpu", 4.0, 2.0), ("device=cpu", 2.0, 2.0), ("device=gpu", 40.0, 40.0)}
+    assert {r["tok/J"] for r in rows} == {3.0, 30.0} and {r["SLO met"] for r in rows} == {0.0, 1.0}
+    for name in ("capacity.png", "pareto.png", "energy.png", "latency_vs_throughput.png", "summary.html"):
+        assert (sweep / name).stat().st_size > 0, name
+    assert "capacity req/s" in (sweep / "summary.md").read_text()

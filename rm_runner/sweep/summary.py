@@ -74,10 +74,12 @@ def benchmark_rows(bench: dict[str, Any], base: dict[str, Any]) -> list[dict[str
     """A benchmark section's rows: one per rate under a rate sweep or a capacity search's probes
     (each with the capacity found), else one."""
     if bench.get("by_rate"):
-        found = (bench.get("capacity") or {}).get("capacity_rps")
-        return [{**base, "rate": float(rate), **_figures(summary), **({"capacity req/s": found} if found is not None else {})}
-                for rate, summary in bench["by_rate"].items()]
-    return [{**base, "rate": None, **_figures(bench.get("summary") or {})}]
+        found = bench.get("capacity") or {}
+        extra = {"capacity req/s": found["capacity_rps"], "_bracket": found["bracket"]} if found else {}
+        return [{**base, "rate": float(rate), **_figures(summary), **extra} for rate, summary in bench["by_rate"].items()]
+    found = bench.get("capacity") or {}
+    return [{**base, "rate": None, **_figures(bench.get("summary") or {}),
+             **({"_bracket": found["bracket"]} if found else {})}]
 
 
 def eval_rows(record: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -172,7 +174,11 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     table = markdown(rows)
     atomic_write_text(sweep_dir / "summary.md", table + "\n")
     plots = draw(rows, sweep_dir)
-    print(f"\nsweep summary ({sweep_dir}):\n{table}\n" + "".join(f"plot: {p}\n" for p in plots), flush=True)
+    from rm_runner.report import write_sweep_report
+
+    report = write_sweep_report(sweep_dir, table, job_dirs(sweep_dir))
+    print(f"\nsweep summary ({sweep_dir}):\n{table}\n" + "".join(f"plot: {p}\n" for p in plots)
+          + f"report: {report}\n", flush=True)
     return rows
 
 
@@ -262,9 +268,46 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title("latency against throughput (request rate sweep)")
         ax.legend(fontsize=7)
         save(fig, "latency_vs_throughput.png")
+    capacity = {r["job"]: r for r in done if r.get("capacity req/s") is not None}
+    if capacity:  # one bar per job: the capacity found, its bracket as the error bar
+        jobs = list(capacity.values())
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(jobs)), 4))
+        missed = [(r.get("_bracket") or [None, None])[1] for r in jobs]  # the capacity is the bracket's low end
+        above = [m - r["capacity req/s"] if m is not None else 0 for r, m in zip(jobs, missed)]
+        ax.bar([r["label"] for r in jobs], [r["capacity req/s"] for r in jobs], yerr=[[0] * len(jobs), above], capsize=4)
+        ax.set_ylabel("req/s within the SLO (bar: up to the lowest rate missed)")
+        ax.set_title("capacity within the SLO per job")
+        ax.tick_params(axis="x", rotation=20)
+        save(fig, "capacity.png")
+    per_joule = [r for r in (single or list({r["job"]: r for r in done}.values())) if r.get("tok/J") is not None]
+    if per_joule:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(per_joule)), 4))
+        ax.bar([r["label"] for r in per_joule], [r["tok/J"] for r in per_joule])
+        ax.set_ylabel("output tokens per joule (net of idle)")
+        ax.set_title("energy efficiency per job")
+        ax.tick_params(axis="x", rotation=20)
+        save(fig, "energy.png")
+    if rated and any(r.get("TPOT p50 s") for r in rated):
+        save(_pareto_figure(plt, rated), "pareto.png")
     if scored:
         save(_eval_figure(plt, scored), "eval.png")
     return written
+
+
+def _pareto_figure(plt: Any, rows: list[dict[str, Any]]) -> Any:
+    """Each job's curve of throughput against the speed one user sees (1 / TPOT p50), by rate:
+    the trade-off a device offers, as vLLM's and inference-perf's Pareto plots draw it."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for job in dict.fromkeys(r["job"] for r in rows):
+        points = sorted((r for r in rows if r["job"] == job and r.get("TPOT p50 s")), key=lambda r: r["rate"])
+        if points:
+            ax.plot([1 / p["TPOT p50 s"] for p in points], [p["output tok/s"] for p in points], marker="o",
+                    label=points[0]["label"])
+    ax.set_xlabel("output tokens/s per user (1 / TPOT p50)")
+    ax.set_ylabel("output tokens/s (all users)")
+    ax.set_title("throughput against per-user speed")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _eval_figure(plt: Any, rows: list[dict[str, Any]]) -> Any:
