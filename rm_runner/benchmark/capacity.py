@@ -1,13 +1,16 @@
 """The highest request rate a server sustains within a latency SLO: a bounded search.
 
 The bounds come from two passes, as guidellm's sweep starts: one request at a time (if the SLO
-fails even then, nothing more is tried: capacity 0) and all at once (the saturated throughput
+fails even then, nothing more is tried: capacity 0) and many at once (the saturated throughput
 no arrival rate can exceed for long). Then Poisson probes: first at the saturated throughput
-(met there: the SLO does not bind, capacity is that), then at the synchronous throughput, then
-bisecting the bracket between the highest rate that met the SLO and the lowest that did not,
-until it is narrower than ``tolerance`` (relative) or ``max_probes`` probes are spent. A probe
-at a hopeless rate ends early, exactly: as soon as more requests have missed the SLO than the
-attainment target allows, it cannot pass (``misses_allowed``). Every probe is kept.
+(met there: the SLO does not bind, capacity is that), then midway between the two; where that
+fails, at the synchronous throughput itself, halving below it until a rate meets the SLO. Then
+bisection of the bracket between the highest rate that met the SLO and the lowest that did not,
+until it is narrower than ``tolerance`` (relative) or ``max_probes`` probes are spent. Low rates
+are the slow probes (a pass of N requests at r req/s lasts N/r s), so the search only goes down
+to them when the rates above have failed. A probe at a hopeless rate ends early, exactly: as
+soon as more requests have missed the SLO than the attainment target allows, it cannot pass
+(``misses_allowed``). Every probe is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+SYNCHRONOUS = 16  # requests in the one-at-a-time pass (the workload's first)
 
 
 @dataclass
@@ -76,13 +81,13 @@ def search(synchronous: tuple[float, bool], saturated: Callable[[], float], prob
     if run(top).met:
         return Capacity(top, top, None, sync_rate, top, probes,
                         "met at the saturated throughput: the SLO does not bind below what the server can do")
-    start = sync_rate if sync_rate < top else top / 2  # below what failed
-    if not run(start).met:  # queueing alone breaks it: halve until it holds
-        while len(probes) < max_probes and met is None:
+    floor = sync_rate if sync_rate < top else top / 2  # below what failed
+    if not run((floor + top) / 2).met and len(probes) < max_probes and not run(floor).met:
+        while len(probes) < max_probes and met is None:  # queueing alone breaks it: halve until it holds
             run(unmet / 2)
-        if met is None:
-            return Capacity(0.0, None, unmet, sync_rate, top, probes,
-                            f"no probed rate met the SLO (lowest tried {unmet:.4g} req/s)")
+    if met is None:
+        return Capacity(0.0, None, unmet, sync_rate, top, probes,
+                        f"no probed rate met the SLO (lowest tried {unmet:.4g} req/s)")
     while len(probes) < max_probes and (unmet - met) / met > tolerance:
         run((met + unmet) / 2)
     width = (unmet - met) / met

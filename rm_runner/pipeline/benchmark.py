@@ -250,21 +250,22 @@ def _passes(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str
 
 def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str, Any]) -> None:
     """``benchmark.load.profile=capacity`` (``benchmark.capacity``): every pass is kept as a
-    repetition (``probe``: synchronous, saturated (concurrent at ``benchmark.load.concurrency``),
-    poisson), the Poisson probes also by rate, and the answer in ``capacity`` (its rate, its
+    repetition (``probe``: synchronous (the first ``capacity.SYNCHRONOUS`` requests), saturated
+    (concurrent at ``benchmark.load.concurrency``), poisson), the Poisson probes also by rate, and the answer in ``capacity`` (its rate, its
     bracket, why the search ended)."""
     from rm_runner.benchmark import capacity
     from rm_runner.benchmark.http_load import Stop
 
     requests, objectives, target = ctx.requests, cfg.slo.objectives(), cfg.slo.attainment
-    stop = Stop({name: (o.max, o.p) for name, o in objectives.items()}, capacity.misses_allowed(len(requests), target))
     records: list[dict[str, Any]] = []
     section["repetitions"], section["by_rate"] = [], {}
 
-    def measured(kind: str, profile: LoadProfile, rate: Optional[float], bar: tqdm) -> dict[str, Any]:
+    def measured(kind: str, profile: LoadProfile, rate: Optional[float], bar: tqdm,
+                 sent: list[Request] = requests) -> dict[str, Any]:
         bar.set_postfix_str(f"{kind}" + (f" at {rate:.3g} req/s" if rate else ""))
-        got, duration, extras = send(requests, rate, lambda: bar.update(1), profile=profile,
-                                     stop=None if kind == "saturated" else stop)
+        stop = None if kind == "saturated" else Stop({name: (o.max, o.p) for name, o in objectives.items()},
+                                                     capacity.misses_allowed(len(sent), target))
+        got, duration, extras = send(sent, rate, lambda: bar.update(1), profile=profile, stop=stop)
         index = len(section["repetitions"])
         for record in got:
             record.update(repetition=index, probe=kind, **({"rate": rate} if rate else {}))
@@ -272,8 +273,8 @@ def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[s
         figures = {"repetition": index, "probe": kind, **({"rate": rate} if rate else {}),
                    **schema.summarize_repetition(got, duration, objectives, target), **extras}
         if extras.get("stopped_early"):  # decided: the requests not run count as missed
-            figures["slo_attainment"] = round(figures["slo"]["good"] / len(requests), 6)
-            figures["slo"].update(requests=len(requests), attained=False)
+            figures["slo_attainment"] = round(figures["slo"]["good"] / len(sent), 6)
+            figures["slo"].update(requests=len(sent), attained=False)
         section["repetitions"].append(figures)
         if rate is not None:
             section["by_rate"][f"{rate:.4g}"] = schema.across([figures])
@@ -289,7 +290,9 @@ def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[s
                               bool(figures.get("stopped_early")))
 
     with tqdm(desc="capacity", unit="req", dynamic_ncols=True) as bar:
-        synchronous = measured("synchronous", LoadProfile.synchronous, None, bar)
+        # One at a time is the slowest pass: the first capacity.SYNCHRONOUS requests tell whether
+        # the SLO holds unloaded, and the throughput the bisection starts from.
+        synchronous = measured("synchronous", LoadProfile.synchronous, None, bar, requests[:capacity.SYNCHRONOUS])
         found = capacity.search(
             (synchronous["request_throughput"] or 0.0, synchronous["slo"]["attained"]),
             lambda: measured("saturated", LoadProfile.concurrent, None, bar)["request_throughput"] or 0.0,
