@@ -275,8 +275,8 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         missed = [(r.get("_bracket") or [None, None])[1] for r in jobs]  # the capacity is the bracket's low end
         above = [m - r["capacity req/s"] if m is not None else 0 for r, m in zip(jobs, missed)]
         ax.bar([r["label"] for r in jobs], [r["capacity req/s"] for r in jobs], yerr=[[0] * len(jobs), above], capsize=4)
-        ax.set_ylabel("req/s within the SLO (bar: up to the lowest rate missed)")
-        ax.set_title("capacity within the SLO per job")
+        ax.set_ylabel("req/s within the SLO")
+        ax.set_title("capacity per job (whisker: the lowest rate missed)")
         ax.tick_params(axis="x", rotation=20)
         save(fig, "capacity.png")
     per_joule = [r for r in (single or list({r["job"]: r for r in done}.values())) if r.get("tok/J") is not None]
