@@ -128,10 +128,12 @@ def test_a_benchmark_records_the_meters_energy_net_of_idle(tiny, tmp_path: Path,
     done = threading.Event()
 
     def count() -> None:
-        total = 0
+        total, counter = 0, root / "intel-rapl:0" / "energy_uj"
         while not done.wait(0.01):
             total += 1_000_000
-            (root / "intel-rapl:0" / "energy_uj").write_text(f"{total}\n")
+            fresh = counter.with_name("energy_uj.new")
+            fresh.write_text(f"{total}\n")
+            fresh.replace(counter)  # whole, as sysfs answers a read: never the empty file a rewrite passes through
 
     counter = threading.Thread(target=count)
     counter.start()
