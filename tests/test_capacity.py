@@ -19,7 +19,7 @@ def server(capacity: float):
 
     def probe(rate: float) -> Probe:
         asked.append(rate)
-        return Probe(rate, 1.0 if rate <= capacity else 0.5, rate <= capacity)
+        return Probe(rate, rate <= capacity)
 
     return probe, asked
 
@@ -116,7 +116,8 @@ def capacity_job(path: Path, found: float, bracket: list, rates: dict[float, flo
         reps.append(rep)
         by_rate[f"{rate:.4g}"] = across([rep])
     bench = {"summary": {"capacity_rps": {"mean": found, "stdev": 0.0, "n": 1}}, "by_rate": by_rate,
-             "repetitions": reps, "capacity": {"capacity_rps": found, "bracket": bracket, "probes": len(rates)}}
+             "repetitions": reps, "capacity": {"capacity_rps": found, "bracket": bracket, "probes": len(rates)},
+             "energy": {"output_tokens_per_joule": tok_per_j}}
     path.mkdir(parents=True)
     (path / "status.json").write_text(json.dumps({"status": "ok"}))
     (path / "overrides.json").write_text(json.dumps([f"device={path.name.split('=')[-1]}"]))
@@ -133,6 +134,8 @@ def test_a_capacity_sweep_draws_capacity_pareto_and_energy(tmp_path: Path) -> No
     assert {(r["label"], r["rate"], r["capacity req/s"]) for r in rows} == {
         ("device=cpu", 4.0, 2.0), ("device=cpu", 2.0, 2.0), ("device=gpu", 40.0, 40.0)}
     assert {r["tok/J"] for r in rows} == {3.0, 30.0} and {r["SLO met"] for r in rows} == {0.0, 1.0}
+    assert {(r["label"], r["_run tok/J"], tuple(r["_bracket"])) for r in rows} == {
+        ("device=cpu", 3.0, (2.0, 2.5)), ("device=gpu", 30.0, (40.0, None))}  # the run's, on each of its rows
     for name in ("capacity.png", "pareto.png", "energy.png", "latency_vs_throughput.png", "summary.html"):
         assert (sweep / name).stat().st_size > 0, name
     assert "capacity req/s" in (sweep / "summary.md").read_text()

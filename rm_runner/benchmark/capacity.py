@@ -16,7 +16,7 @@ soon as more requests have missed the SLO than the attainment target allows, it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 SYNCHRONOUS = 16  # requests in the one-at-a-time pass (the workload's first)
@@ -25,10 +25,7 @@ SYNCHRONOUS = 16  # requests in the one-at-a-time pass (the workload's first)
 @dataclass
 class Probe:
     rate: float  # Poisson arrivals, req/s
-    attainment: float  # the share of the probe's requests that met the SLO
-    met: bool
-    figures: dict[str, Any] = field(default_factory=dict)
-    stopped_early: bool = False  # ended once the misses made passing impossible
+    met: bool  # the pass's SLO attainment reached the target
 
 
 @dataclass

@@ -96,8 +96,9 @@ def meets(record: dict[str, Any], objectives: dict[str, Objective]) -> bool:
 
 
 def slo_figures(records: list[dict[str, Any]], duration_s: float, objectives: dict[str, Objective],
-                attainment: float) -> dict[str, Any]:
-    """Goodput and attainment of one repetition, marking each record's ``slo_met``."""
+                attainment: float, sent: Optional[int] = None) -> dict[str, Any]:
+    """Goodput and attainment of one repetition, marking each record's ``slo_met``. ``sent``: the
+    requests the pass was given, where it stopped before all had ended (those count as missed)."""
     good = []
     for record in records:
         record["slo_met"] = meets(record, objectives)
@@ -110,19 +111,22 @@ def slo_figures(records: list[dict[str, Any]], duration_s: float, objectives: di
         value = _r(percentile(data, objective.p)) if data else None
         judged[name] = {"max": objective.max, "p": objective.p, "value": value,
                         "met": value is not None and value <= objective.max}
-    share = len(good) / len(records) if records else 0.0
+    total = len(records) if sent is None else sent
+    share = len(good) / total if total else 0.0
     return {
         "request_goodput": _r(len(good) / duration_s) if duration_s > 0 else None,
         "output_goodput": _r(sum(r["output_tokens"] for r in good) / duration_s) if duration_s > 0 else None,
         "slo_attainment": _r(share),
-        "slo": {"objectives": judged, "good": len(good), "requests": len(records), "attainment_target": attainment,
+        "slo": {"objectives": judged, "good": len(good), "requests": total, "attainment_target": attainment,
                 "attained": share >= attainment},
     }
 
 
 def summarize_repetition(records: list[dict[str, Any]], duration_s: float,
-                         objectives: Optional[dict[str, Objective]] = None, attainment: float = 0.9) -> dict[str, Any]:
-    """One repetition's figures from its per-request records (with goodput where ``objectives``)."""
+                         objectives: Optional[dict[str, Objective]] = None, attainment: float = 0.9,
+                         sent: Optional[int] = None) -> dict[str, Any]:
+    """One repetition's figures from its per-request records (with goodput where ``objectives``;
+    ``sent`` as ``slo_figures`` takes it)."""
     ok = [r for r in records if r["ok"]]
     out_tokens = sum(r["output_tokens"] for r in ok)
     prompt_tokens = sum(r["prompt_tokens"] for r in ok)
@@ -136,7 +140,7 @@ def summarize_repetition(records: list[dict[str, Any]], duration_s: float,
         **{figure: stats(values) for figure, values in latency_series(ok).items()},
     }
     if objectives:
-        summary.update(slo_figures(records, duration_s, objectives, attainment))
+        summary.update(slo_figures(records, duration_s, objectives, attainment, sent))
     return summary
 
 

@@ -33,7 +33,6 @@ HTTP_PROFILES = {LoadProfile.synchronous, LoadProfile.concurrent, LoadProfile.po
                  LoadProfile.capacity}
 INPROCESS_PROFILES = {LoadProfile.batch, LoadProfile.synchronous}
 
-# One pass over the requests: (requests, rate, progress callback) -> (records, duration, extras)
 class Send(Protocol):
     """One pass over ``requests`` (at ``rate`` for Poisson): the records, the duration, extra
     figures. Over HTTP a capacity search also picks the pass's ``profile`` and a ``stop``."""
@@ -251,8 +250,8 @@ def _passes(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str
 def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[str, Any]) -> None:
     """``benchmark.load.profile=capacity`` (``benchmark.capacity``): every pass is kept as a
     repetition (``probe``: synchronous (the first ``capacity.SYNCHRONOUS`` requests), saturated
-    (concurrent at ``benchmark.load.concurrency``), poisson), the Poisson probes also by rate, and the answer in ``capacity`` (its rate, its
-    bracket, why the search ended)."""
+    (concurrent at ``benchmark.load.concurrency``), poisson), the Poisson probes also by rate,
+    and the answer in ``capacity`` (its rate, its bracket, why the search ended)."""
     from rm_runner.benchmark import capacity
     from rm_runner.benchmark.http_load import Stop
 
@@ -271,10 +270,7 @@ def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[s
             record.update(repetition=index, probe=kind, **({"rate": rate} if rate else {}))
         records.extend(got)
         figures = {"repetition": index, "probe": kind, **({"rate": rate} if rate else {}),
-                   **schema.summarize_repetition(got, duration, objectives, target), **extras}
-        if extras.get("stopped_early"):  # decided: the requests not run count as missed
-            figures["slo_attainment"] = round(figures["slo"]["good"] / len(sent), 6)
-            figures["slo"].update(requests=len(sent), attained=False)
+                   **schema.summarize_repetition(got, duration, objectives, target, len(sent)), **extras}
         section["repetitions"].append(figures)
         if rate is not None:
             section["by_rate"][f"{rate:.4g}"] = schema.across([figures])
@@ -285,9 +281,7 @@ def _capacity(ctx: RunContext, cfg: BenchmarkConfig, send: Send, section: dict[s
         return figures
 
     def probe(rate: float) -> capacity.Probe:
-        figures = measured("poisson", LoadProfile.poisson, rate, bar)
-        return capacity.Probe(rate, figures["slo_attainment"], figures["slo"]["attained"], figures,
-                              bool(figures.get("stopped_early")))
+        return capacity.Probe(rate, measured("poisson", LoadProfile.poisson, rate, bar)["slo"]["attained"])
 
     with tqdm(desc="capacity", unit="req", dynamic_ncols=True) as bar:
         # One at a time is the slowest pass: the first capacity.SYNCHRONOUS requests tell whether

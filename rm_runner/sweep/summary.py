@@ -71,15 +71,15 @@ def job_rows(job: Path) -> list[dict[str, Any]]:
 
 
 def benchmark_rows(bench: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
-    """A benchmark section's rows: one per rate under a rate sweep or a capacity search's probes
-    (each with the capacity found), else one."""
-    if bench.get("by_rate"):
-        found = bench.get("capacity") or {}
-        extra = {"capacity req/s": found["capacity_rps"], "_bracket": found["bracket"]} if found else {}
-        return [{**base, "rate": float(rate), **_figures(summary), **extra} for rate, summary in bench["by_rate"].items()]
+    """A benchmark section's rows: one per rate under a rate sweep or a capacity search's probes,
+    else one; each with what belongs to the whole run (the capacity found and its bracket, the
+    run's tokens per joule: the plots read those, not a rate's)."""
     found = bench.get("capacity") or {}
-    return [{**base, "rate": None, **_figures(bench.get("summary") or {}),
-             **({"_bracket": found["bracket"]} if found else {})}]
+    run = {"capacity req/s": found.get("capacity_rps"), "_bracket": found.get("bracket"),
+           "_run tok/J": (bench.get("energy") or {}).get("output_tokens_per_joule")}
+    if bench.get("by_rate"):
+        return [{**base, "rate": float(rate), **_figures(summary), **run} for rate, summary in bench["by_rate"].items()]
+    return [{**base, "rate": None, **_figures(bench.get("summary") or {}), **run}]
 
 
 def eval_rows(record: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -272,17 +272,17 @@ def draw(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     if capacity:  # one bar per job: the capacity found, its bracket as the error bar
         jobs = list(capacity.values())
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(jobs)), 4))
-        missed = [(r.get("_bracket") or [None, None])[1] for r in jobs]  # the capacity is the bracket's low end
+        missed = [r["_bracket"][1] if r.get("_bracket") else None for r in jobs]  # the capacity is its low end
         above = [m - r["capacity req/s"] if m is not None else 0 for r, m in zip(jobs, missed)]
         ax.bar([r["label"] for r in jobs], [r["capacity req/s"] for r in jobs], yerr=[[0] * len(jobs), above], capsize=4)
         ax.set_ylabel("req/s within the SLO")
         ax.set_title("capacity per job (whisker: the lowest rate missed)")
         ax.tick_params(axis="x", rotation=20)
         save(fig, "capacity.png")
-    per_joule = [r for r in (single or list({r["job"]: r for r in done}.values())) if r.get("tok/J") is not None]
+    per_joule = [r for r in {r["job"]: r for r in done}.values() if r.get("_run tok/J") is not None]
     if per_joule:
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(per_joule)), 4))
-        ax.bar([r["label"] for r in per_joule], [r["tok/J"] for r in per_joule])
+        ax.bar([r["label"] for r in per_joule], [r["_run tok/J"] for r in per_joule])
         ax.set_ylabel("output tokens per joule (net of idle)")
         ax.set_title("energy efficiency per job")
         ax.tick_params(axis="x", rotation=20)
