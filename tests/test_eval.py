@@ -84,9 +84,11 @@ def test_loglikelihoods_equal_a_plain_transformers_forward_pass(smollm2) -> None
         assert math.isclose(loglikelihood, summed(context + continuation, len(continuation)), abs_tol=1e-4)
     assert got[0][1] is True  # " Paris" is the likeliest next token
 
-    class Doc:
-        args = ("The quick brown fox jumps over the lazy dog.",)
+    from lm_eval.api.instance import Instance
 
-    (rolling,) = lm.loglikelihood_rolling([Doc()])
-    ids = [lm.prefix_token_id] + lm.tok_encode(Doc.args[0])
+    text = "The quick brown fox jumps over the lazy dog."
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0,
+                       metadata=("wikitext", 0, 1))
+    (rolling,) = lm.loglikelihood_rolling([request])
+    ids = [lm.prefix_token_id] + lm.tok_encode(text)
     assert math.isclose(rolling, summed(ids, len(ids) - 1), abs_tol=1e-4)

@@ -41,7 +41,7 @@ class EngineLM(TemplateLM):
         answers: list[Any] = [None] * len(requests)
         tasks: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
-            tasks.setdefault(getattr(request, "task_name", None) or "requests", []).append(i)
+            tasks.setdefault(request.task_name or "requests", []).append(i)  # lm-eval's Instance
         for task, indices in tasks.items():
             began = time.perf_counter()
             self._bar = tqdm(total=len(indices), desc=f"{task} ({kind})", unit="req", disable=disable_tqdm)
