@@ -57,6 +57,8 @@ def collect(events: queue.Queue) -> tuple[dict[int, str], dict[int, str]]:
         kind, index, value = events.get(timeout=60)
         if kind == "delta":
             texts[index] = texts.get(index, "") + value[0]
+            if value[3] is not None:  # the row's last token carries its finish reason
+                finish[index] = value[3]
         elif kind == "finish":
             finish[index] = value
         elif kind == "done":
@@ -177,4 +179,4 @@ def test_a_streamed_token_without_text_still_gets_its_chunk(engine) -> None:
     choice = Choice(engine.tokenizer, engine.eos_ids, j.max_tokens, j.ending)
     special = next(iter(engine.eos_ids))  # EOS, ignored: skipped by the decode, so it adds no text
     deliver(j, 0, choice, special, now=0.0)
-    assert events.get_nowait() == ("delta", 0, ("", [special], None))
+    assert events.get_nowait() == ("delta", 0, ("", [special], None, None))

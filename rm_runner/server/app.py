@@ -558,9 +558,10 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
                     record(where, 200, stream=True, **reply.figures())
                     break
                 if kind == "delta":
-                    text, ids, logprobs = value
+                    text, ids, logprobs, finish_reason = value
                     try:
-                        yield sse(reply.chunk(index, text=text, token_ids=ids, logprobs=logprobs))
+                        yield sse(reply.chunk(index, text=text, token_ids=ids, logprobs=logprobs,
+                                              finish_reason=finish_reason))
                     except LogprobsMissing as exc:
                         yield sse(error_body(f"generation failed: {exc}", "internal_server_error", code="engine_error"))
                         record(where, 500, error_type="engine_error", error=str(exc), **reply.figures())

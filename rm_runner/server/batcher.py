@@ -35,9 +35,11 @@ class ShuttingDown(Exception):
 
 
 # What a job tells its handler, from the model's thread: ("delta", index, (text, token_ids,
-# logprobs)) (logprobs: a TokenLogprob per token id, or None when the job asked for none) and
-# ("finish", index, reason) when streamed, then ("done", None, None), ("error", None, message)
-# when the engine failed, or ("abort", None, message) when the server's shutdown cut the job.
+# logprobs, finish_reason)) when streamed (logprobs: a TokenLogprob per token id, or None when
+# the job asked for none; finish_reason on the row's last token, else None), ("finish", index,
+# reason) for a streamed row that ended without a token of its own, then ("done", None, None),
+# ("error", None, message) when the engine failed, or ("abort", None, message) when the server's
+# shutdown cut the job.
 Event = tuple[str, Optional[int], Any]
 
 
@@ -227,8 +229,8 @@ class DynamicBatcher:
             if not choice.finished:
                 delta = choice.finish("length")
                 if job.stream and delta:
-                    job.emit(("delta", index, (delta, *choice.take_ids())))
-                if job.stream:
+                    job.emit(("delta", index, (delta, *choice.take_ids(), choice.finish_reason)))
+                elif job.stream:
                     job.emit(("finish", index, choice.finish_reason))
         for job in batch:
             conclude(job)
@@ -243,10 +245,9 @@ def deliver(job: Job, index: int, choice: Choice, token: int, now: float,
     elif not choice.finished:
         job.first_token_at = job.first_token_at or now
         delta = choice.add(token, logprob)
-        if job.stream:  # a chunk per token, text or not (a special token, half a character), as vLLM's
-            job.emit(("delta", index, (delta, *choice.take_ids())))
-        if job.stream and choice.finished:
-            job.emit(("finish", index, choice.finish_reason))
+        if job.stream:  # a chunk per token, text or not (a special token, half a character), the
+            # last one with its finish reason, as vLLM's
+            job.emit(("delta", index, (delta, *choice.take_ids(), choice.finish_reason if choice.finished else None)))
 
 
 def conclude(job: Job) -> None:
