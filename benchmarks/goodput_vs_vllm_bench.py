@@ -10,13 +10,14 @@ benchmarks/serve_vs_vllm_cpu.py starts it) is loaded in turn by two clients with
   prompts vLLM's client sends in that round (written by vLLM's own dataset code, as
   serve_vs_vllm_cpu.py does for its offline batch).
 
-Each case runs once per round on each client, the order alternating between rounds. Cases:
-``--max-concurrency`` (every request at once, at most N in flight: a closed loop) and each
-Poisson rate of ``--rates``. Both clients scale their Poisson gaps so that the last request goes
-at N / rate, but each draws its own gaps (vLLM from numpy's global state after sampling its
-dataset, rm_runner from ``benchmark.load.seed``), so the bursts differ between them within the
-same span. What the server itself does from one run to the next differs too: on 2 cores the same
-client's output throughput varies by several percent between identical runs, so read the
+Cases: ``--max-concurrency`` (every request at once, at most N in flight: a closed loop; the
+two clients take turns first, alternating by round) and each Poisson rate of ``--rates``: vLLM's
+client goes first and rm_runner's then replays the very send times vLLM's used
+(``benchmark.load.profile=trace``, each prompt with its ``timestamp``), so both put the same load
+on the server, request for request; rm_runner's duration starts at its first send, vLLM's a
+first gap earlier. What the server itself does from one run to the next still differs: on 2
+cores the same client's output throughput varies by several percent between identical runs, and
+an SLO limit near the median latency turns that into a large swing in attainment, so read the
 per-round ratios beside the medians.
 
 Printed per case: request goodput (req/s of requests that met every SLO), SLO attainment (good /
@@ -131,7 +132,7 @@ def run_rm_runner(args: argparse.Namespace, server: Any, case: Any, prompts: Pat
                   out: Path, name: str) -> dict[str, Any]:
     run_dir = out / "runs" / name
     load = (["benchmark.load.profile=concurrent", f"benchmark.load.concurrency={case.max_concurrency}"]
-            if case.max_concurrency else ["benchmark.load.profile=poisson", f"benchmark.load.rate={case.rate:g}"])
+            if case.max_concurrency else ["benchmark.load.profile=trace"])  # the prompts carry vLLM's send times
     cmd = [sys.executable, "-m", "rm_runner", "pipeline=benchmark", "device=remote",
            f"device.base_url={server.base}/v1", f"device.model={serve.MODEL}", f"model={serve.MODEL}",
            "workload=jsonl", f"workload.path={prompts}", "workload.chat_template=false",
@@ -141,6 +142,17 @@ def run_rm_runner(args: argparse.Namespace, server: Any, case: Any, prompts: Pat
            "benchmark.energy.enabled=false", f"hydra.run.dir={run_dir}"]
     run_logged(cmd, out / "logs" / f"{name}.log", f"rm_runner benchmark ({name})", args.bench_timeout)
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def timed(prompts: Path, start_times: list[float]) -> None:
+    """The prompts file with each row's ``timestamp``: when vLLM's client sent it, from its first
+    send (rows and start times are both in the dataset's order)."""
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+    if len(rows) != len(start_times):
+        raise RuntimeError(f"{len(start_times)} send times for {len(rows)} prompts in {prompts}")
+    first = min(start_times)
+    prompts.write_text("".join(json.dumps({**row, "timestamp": round(at - first, 6)}) + "\n"
+                               for row, at in zip(rows, start_times)))
 
 
 # ----------------------------------------------------------------------------- report
@@ -237,12 +249,17 @@ def main() -> None:
                 prompts = out / "prompts" / f"{case.name}-r{rnd}.jsonl"
                 serve.write_prompts(args, model_dir, seed, prompts)
                 record: dict[str, Any] = {"round": rnd, "case": case.name, "seed": seed}
-                for client in serve.rotated(["vllm-bench", "rm_runner"], rnd + c):
+                # A Poisson case replays vLLM's own send times (vLLM first); the closed loop alternates.
+                order = serve.rotated(["vllm-bench", "rm_runner"], rnd + c) if case.max_concurrency else [
+                    "vllm-bench", "rm_runner"]
+                for client in order:
                     name = f"{case.name}-{client}-r{rnd}"
                     print(f"round {rnd + 1}/{args.rounds} {case.name} {client}", file=sys.stderr, flush=True)
                     if client == "vllm-bench":
                         result = run_vllm_bench(args, model_dir, server, case, seed, out, name)
                         record[client] = vllm_figures(result, args.ttft_ms / 1000, args.tpot_ms / 1000)
+                        if not case.max_concurrency:
+                            timed(prompts, result["start_times"])
                     else:
                         metrics = run_rm_runner(args, server, case, prompts, seed, out, name)
                         record[client] = rm_runner_figures(metrics)

@@ -182,6 +182,7 @@ class LoadProfile(str, Enum):
     poisson = "poisson"        # arrivals at load.rate requests/s, exponential gaps (over HTTP)
     sweep = "sweep"            # poisson at each of load.rates in turn (over HTTP)
     capacity = "capacity"      # the highest poisson rate within benchmark.slo (over HTTP)
+    trace = "trace"            # each request at its own workload timestamp: a timed trace replayed (over HTTP)
 
 
 @dataclass

@@ -21,6 +21,9 @@ class Request:
     # The reply in the source dataset (ShareGPT): its length in the model's tokens becomes
     # max_new_tokens once the tokenizer is loaded (``workload.with_tokenizer``).
     reference_output: Optional[str] = None
+    # When the request is sent, in seconds from the start of the pass (a timed trace, replayed by
+    # ``benchmark.load.profile=trace``: vLLM bench's trace datasets call it ``timestamp`` too).
+    timestamp: Optional[float] = None
 
     def asked(self) -> Any:
         """What the request asked, in the form the workload gave it (kept in generations.jsonl):

@@ -110,11 +110,15 @@ def _read_jsonl(path: Path, chat: bool) -> list[Request]:
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected an object with 'prompt' or 'messages'")
         rid = str(item.get("id", lineno - 1))
+        timestamp = item.get("timestamp")
+        if timestamp is not None and (isinstance(timestamp, bool) or not isinstance(timestamp, (int, float))
+                                      or not 0 <= timestamp < float("inf")):
+            raise ConfigError(f"{where}: 'timestamp' must be seconds from the start (a number >= 0), got {timestamp!r}")
         if isinstance(item.get("messages"), list):
             _check_messages(item["messages"], where)
-            requests.append(Request(id=rid, messages=item["messages"]))
+            requests.append(Request(id=rid, messages=item["messages"], timestamp=timestamp))
         elif isinstance(item.get("prompt"), str):
-            requests.append(Request(id=rid, prompt=item["prompt"], chat_template=chat))
+            requests.append(Request(id=rid, prompt=item["prompt"], chat_template=chat, timestamp=timestamp))
         else:
             raise ConfigError(f"{where}: expected a string 'prompt' or a list 'messages'")
     return requests

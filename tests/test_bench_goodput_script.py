@@ -69,3 +69,18 @@ def test_summary_and_table(bench) -> None:
                                  "output_len": 64, "num_prompts": 4, "rounds": 2})
     assert "| rate2 | 0.960x (2/2) | 1.000x (2/2) | 0.960, 0.960 | same count |" in text
     assert "| inf-c16 | rm_runner | 0.120 | 0.250 |" in text
+
+
+def test_the_prompts_get_the_send_times_vllms_client_used(bench, tmp_path: Path) -> None:
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "0", "prompt": "a"}\n{"id": "1", "prompt": "b"}\n{"id": "2", "prompt": "c"}\n')
+    bench.timed(prompts, [100.5, 100.25, 101.0])  # in the dataset's order, not sorted
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["timestamp"]) for r in rows] == [("0", "a", 0.25), ("1", "b", 0.0), ("2", "c", 0.75)]
+    from rm_runner.workload import _read_jsonl
+
+    assert [r.timestamp for r in _read_jsonl(prompts, chat=False)] == [0.25, 0.0, 0.75]  # what rm_runner reads
+    with pytest.raises(RuntimeError, match="2 send times for 3 prompts"):
+        bench.timed(prompts, [1.0, 2.0])

@@ -91,6 +91,35 @@ def test_load_profiles_through_the_api(tiny) -> None:
     assert (sweep.path / "latency_vs_throughput.png").stat().st_size > 0
 
 
+def test_a_timed_trace_is_replayed_at_its_timestamps(tiny, tmp_path: Path) -> None:
+    """benchmark.load.profile=trace: each request goes at its workload row's "timestamp" (vLLM
+    bench's trace field), in whatever order the rows come."""
+    times = {"a": 0.4, "b": 0.0, "c": 0.9, "d": 0.2}
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"id": rid, "prompt": f"hello {rid}", "timestamp": at}) + "\n"
+                             for rid, at in times.items()))
+    run = tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=trace", "workload=jsonl",
+               f"workload.path={trace}", "benchmark.repetitions=1", "benchmark.warmup=0",
+               "generation.max_new_tokens=3", "pipeline.steps.1.print_table=false")
+    records = {r["id"]: r for r in run.read_jsonl("benchmark.jsonl")}
+    assert set(records) == set(times) and all(r["ok"] for r in records.values())
+    for rid, at in times.items():
+        assert at <= records[rid]["start_s"] < at + 0.15
+    assert run.read_json("metrics.json")["benchmark"]["profile"] == "trace"
+
+
+def test_a_trace_without_timestamps_fails_before_the_model_loads(tiny, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"id": "a", "prompt": "x", "timestamp": 0.5}\n{"id": "b", "prompt": "y"}\n')
+    with pytest.raises(ConfigError, match=r"profile=trace .* 1 of 2 requests have none \(first: id 'b'\)"):
+        tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=trace", "workload=jsonl",
+             f"workload.path={trace}")
+    assert not (tmp_path / "run0" / "metrics.json").exists()  # the checks ran before the model loaded
+    trace.write_text('{"id": "a", "prompt": "x", "timestamp": -1}\n')
+    with pytest.raises(ConfigError, match=r"trace.jsonl:1: 'timestamp' must be seconds from the start"):
+        tiny("pipeline=benchmark", "benchmark.load.profile=trace", "workload=jsonl", f"workload.path={trace}")
+
+
 def test_a_profile_the_target_cannot_do_names_the_fix(tiny) -> None:
     with pytest.raises(ConfigError, match=r"benchmark.load.profile=poisson does not apply to the in-process target.*"
                                           r"benchmark.target=api"):

@@ -4,7 +4,8 @@ Every request streams (``stream_options.include_usage`` gives the exact output t
 the arrival of each chunk with a choice is a token time, text or not, and the last one ends the
 request, as in ``vllm bench serve``. Profiles:
 synchronous (one at a time), concurrent (at most N in flight, all queued at t=0), poisson
-(seeded exponential gaps at ``rate`` requests/s, the last sent at N / rate: ``arrivals``). Chat requests go to ``/chat/completions``,
+(seeded exponential gaps at ``rate`` requests/s, the last sent at N / rate: ``arrivals``), trace
+(each request at its own ``timestamp``). Chat requests go to ``/chat/completions``,
 raw prompts and token-id prompts to ``/completions``. With ``stop`` (a capacity probe: the SLO's
 objectives and how many requests may miss it), the pass ends as soon as more have missed it:
 requests not yet sent are not sent, those in flight are cancelled (the server frees their rows).
@@ -125,7 +126,12 @@ async def _run(base_url: str, model: str, api_key: str, requests: list[Request],
                 hopeless.set()
         return record
 
-    delays = arrivals(len(requests), rate, seed) if profile == LoadProfile.poisson and rate else [0.0] * len(requests)
+    if profile == LoadProfile.trace:
+        delays = [r.timestamp or 0.0 for r in requests]
+    elif profile == LoadProfile.poisson and rate:
+        delays = arrivals(len(requests), rate, seed)
+    else:
+        delays = [0.0] * len(requests)
     tasks = [asyncio.create_task(one(r, d)) for r, d in zip(requests, delays)]
     watch = asyncio.create_task(hopeless.wait())
     everything = asyncio.gather(*tasks, return_exceptions=True)

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 RECORDS = "benchmark.jsonl"
 HTTP_PROFILES = {LoadProfile.synchronous, LoadProfile.concurrent, LoadProfile.poisson, LoadProfile.sweep,
-                 LoadProfile.capacity}
+                 LoadProfile.capacity, LoadProfile.trace}
 INPROCESS_PROFILES = {LoadProfile.batch, LoadProfile.synchronous}
 
 class Send(Protocol):
@@ -45,6 +45,15 @@ class Send(Protocol):
 class Benchmark(Step):
     def __init__(self, print_table: bool = True) -> None:
         self.print_table = print_table
+
+    def check(self, ctx: RunContext) -> None:
+        load = ctx.cfg.benchmark.load
+        untimed = [r.id for r in ctx.requests if r.timestamp is None]
+        if LoadProfile(load.profile) == LoadProfile.trace and untimed:
+            raise ConfigError(f"benchmark.load.profile=trace sends each request at its own 'timestamp' (seconds from "
+                              f"the start); {len(untimed)} of {len(ctx.requests)} requests have none (first: id "
+                              f"{untimed[0]!r}): give every row of workload.path a \"timestamp\", or use "
+                              "benchmark.load.profile=poisson")
 
     def __call__(self, ctx: RunContext) -> None:
         cfg: BenchmarkConfig = OmegaConf.to_object(ctx.cfg.benchmark)
