@@ -76,11 +76,14 @@ def test_the_prompts_get_the_send_times_vllms_client_used(bench, tmp_path: Path)
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"id": "0", "prompt": "a"}\n{"id": "1", "prompt": "b"}\n{"id": "2", "prompt": "c"}\n')
-    bench.timed(prompts, [100.5, 100.25, 101.0])  # in the dataset's order, not sorted
+    # vLLM's benchmark began at 100.0 (its last answer, 100.25 + 2.75, is 3.0 s of duration in),
+    # and sent in the dataset's order, not sorted
+    result = {"start_times": [100.5, 100.25, 101.0], "latencies": [1.0, 2.75, 1.5], "duration": 3.0}
+    bench.timed(prompts, result)
     rows = [json.loads(line) for line in prompts.read_text().splitlines()]
-    assert [(r["id"], r["prompt"], r["timestamp"]) for r in rows] == [("0", "a", 0.25), ("1", "b", 0.0), ("2", "c", 0.75)]
+    assert [(r["id"], r["prompt"], r["timestamp"]) for r in rows] == [("0", "a", 0.5), ("1", "b", 0.25), ("2", "c", 1.0)]
     from rm_runner.workload import _read_jsonl
 
-    assert [r.timestamp for r in _read_jsonl(prompts, chat=False)] == [0.25, 0.0, 0.75]  # what rm_runner reads
+    assert [r.timestamp for r in _read_jsonl(prompts, chat=False)] == [0.5, 0.25, 1.0]  # what rm_runner reads
     with pytest.raises(RuntimeError, match="2 send times for 3 prompts"):
-        bench.timed(prompts, [1.0, 2.0])
+        bench.timed(prompts, {**result, "start_times": [1.0, 2.0]})

@@ -115,6 +115,10 @@ class CPUBackend(TransformersTorchBackend):
         if callers and packed:
             self._packed_models.append(prepared)
         log.info("cpu backend: %d linear layers on pre-packed oneDNN weights", packed)
+        if packed and not callers:  # before the decode path takes references to what is left
+            copied = cpu_linear.release_checkpoint(prepared)
+            log.info("cpu backend: %.0f MiB kept beside the packed weights, the checkpoint's mapping released",
+                     copied / 2**20)
         if self.options.fast_decode and not callers:  # a caller's model keeps transformers' own forward
             from rm_runner.backends import cpu_decode
 
