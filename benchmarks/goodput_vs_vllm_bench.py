@@ -158,8 +158,10 @@ def timed(prompts: Path, result: dict[str, Any]) -> None:
     if len(rows) != len(starts):
         raise RuntimeError(f"{len(starts)} send times for {len(rows)} prompts in {prompts}")
     began = max(s + latency for s, latency in zip(starts, result["latencies"])) - result["duration"]
-    prompts.write_text("".join(json.dumps({**row, "timestamp": round(max(0.0, at - began), 6)}) + "\n"
-                               for row, at in zip(rows, starts)))
+    from rm_runner.rundir import atomic_write_text
+
+    atomic_write_text(prompts, "".join(json.dumps({**row, "timestamp": round(max(0.0, at - began), 6)}) + "\n"
+                                       for row, at in zip(rows, starts)))
 
 
 # ----------------------------------------------------------------------------- report

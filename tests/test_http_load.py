@@ -3,8 +3,6 @@ schedule, what it records, and a refused request as a record naming the server's
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from rm_runner.benchmark.http_load import arrivals, run
@@ -21,9 +19,6 @@ def test_poisson_arrivals_end_at_count_over_rate_under_any_seed() -> None:
         assert times[-1] == pytest.approx(24.0)
         assert all(0 < a < b for a, b in zip(times, times[1:]))
     assert arrivals(48, 2.0, 0) == arrivals(48, 2.0, 0) != arrivals(48, 2.0, 1)
-    # the drawn gaps, unscaled, span 22.1 to 31.0 s over these seeds (seed 3: 25.1): what the scaling removes
-    rng = random.Random(3)
-    assert sum(rng.expovariate(2.0) for _ in range(48)) != pytest.approx(24.0, rel=0.01)
 
 
 @pytest.fixture(scope="module")

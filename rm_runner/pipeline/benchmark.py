@@ -47,9 +47,10 @@ class Benchmark(Step):
         self.print_table = print_table
 
     def check(self, ctx: RunContext) -> None:
-        load = ctx.cfg.benchmark.load
+        if LoadProfile(ctx.cfg.benchmark.load.profile) != LoadProfile.trace:
+            return
         untimed = [r.id for r in ctx.requests if r.timestamp is None]
-        if LoadProfile(load.profile) == LoadProfile.trace and untimed:
+        if untimed:
             raise ConfigError(f"benchmark.load.profile=trace sends each request at its own 'timestamp' (seconds from "
                               f"the start); {len(untimed)} of {len(ctx.requests)} requests have none (first: id "
                               f"{untimed[0]!r}): give every row of workload.path a \"timestamp\", or use "
