@@ -45,6 +45,10 @@ class CPUOptions(BackendOptions):
     # pytorch mode, with onednn_linear: decode steps of Llama/Mistral/Qwen2 layers through a lean
     # forward and a KV cache that grows in place (bit-identical results, ~9% faster).
     fast_decode: bool = True
+    # pytorch mode, with fast_decode, serving (continuous batching): the prompts of arriving
+    # requests run in the running rows' decode step, one forward (vLLM's mixed prefill and
+    # decode steps); false: each arrival is prefilled apart while the running rows wait.
+    packed_steps: bool = True
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -135,6 +139,12 @@ class CPUBackend(TransformersTorchBackend):
         capacity = inputs["input_ids"].shape[-1] + (kwargs.get("max_new_tokens") or 0)
         cache = cpu_decode.new_cache(model, capacity)
         return {} if cache is None else {cpu_decode.cache_keyword(model): cache}
+
+    def packs_steps(self, model: Any) -> bool:
+        """Where every layer took the lean decode path, a step packs arrivals' prompts in."""
+        from rm_runner.backends import cpu_packed_step
+
+        return self.options.packed_steps and cpu_packed_step.applies(model)
 
     def step_cache(self, model: Any) -> Any:
         """A cache that grows in place where the lean decode path is installed."""

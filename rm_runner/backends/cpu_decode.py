@@ -33,10 +33,13 @@ FAST = "_rm_runner_fast_decode"
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A ``DynamicLayer`` that grows in place: keys/values are views of buffers with room to spare.
+    """A ``DynamicLayer`` that grows in place: keys/values are views of buffers with room to spare,
+    in columns (tokens) and, once a running batch fills it, in rows.
 
     Anything that replaces ``keys`` (beam reordering, batch selection) is noticed and the new
     tensors are copied into fresh buffers; cropping keeps the buffer and writes after the crop.
+    A running batch adds and removes rows in place (``append``, ``keep``): a copy of the rows
+    that change, not of the whole cache.
     """
 
     def __init__(self, capacity: int = 0, **kwargs: Any) -> None:
@@ -46,47 +49,78 @@ class PreallocatedLayer(DynamicLayer):
         self._value_buffer: torch.Tensor | None = None
 
     def _holds_buffer(self) -> bool:
-        buffer = self._key_buffer
-        return (buffer is not None and self.keys is not None and self.keys.data_ptr() == buffer.data_ptr()
-                and self.keys.shape[:2] == buffer.shape[:2] and self.keys.stride() == buffer.stride())
+        buffer, keys = self._key_buffer, self.keys
+        return (buffer is not None and keys is not None and keys.dim() == 4 and keys.data_ptr() == buffer.data_ptr()
+                and keys.shape[1] == buffer.shape[1] and keys.shape[0] <= buffer.shape[0]
+                and keys.stride() == buffer.stride())
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
-        total = held + key_states.shape[-2]
-        if not self._holds_buffer() or total > self._key_buffer.shape[-2]:
+        total, rows = held + key_states.shape[-2], key_states.shape[0]
+        holds = self._holds_buffer() and self.keys.shape[0] == rows
+        if not holds or total > self._key_buffer.shape[-2]:
             size = self.capacity if total <= self.capacity else 2 * total  # outgrown: double, amortized
-            keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
-            values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+            room = self._key_buffer.shape[0] if holds else rows  # spare rows stay spare
+            keys = key_states.new_empty((room, key_states.shape[1], size, key_states.shape[-1]))
+            values = value_states.new_empty((room, value_states.shape[1], size, value_states.shape[-1]))
             if held:
-                keys[:, :, :held].copy_(self.keys)
-                values[:, :, :held].copy_(self.values)
+                keys[:rows, :, :held].copy_(self.keys)
+                values[:rows, :, :held].copy_(self.values)
             self._key_buffer, self._value_buffer = keys, values
-        self._key_buffer[:, :, held:total].copy_(key_states)
-        self._value_buffer[:, :, held:total].copy_(value_states)
-        self.keys, self.values = self._key_buffer[:, :, :total], self._value_buffer[:, :, :total]
+        self._key_buffer[:rows, :, held:total].copy_(key_states)
+        self._value_buffer[:rows, :, held:total].copy_(value_states)
+        self._view(rows, total)
         return self.keys, self.values
+
+    def _view(self, rows: int, width: int) -> None:
+        self.keys, self.values = self._key_buffer[:rows, :, :width], self._value_buffer[:rows, :, :width]
 
     def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:
         """New contents in one copy (a running batch's rows joined or cut): the parts' rows stacked,
         each part right-aligned in ``width`` columns after zeros (padding the mask hides: zeros,
         since a masked position's weight is 0 and 0 times garbage may be NaN), in fresh buffers
-        with room to grow."""
+        with room to grow: twice the columns, half again the rows (at least 8)."""
+        if not self.is_initialized:  # a new cache filled before any update (a packed step's first rows)
+            self.lazy_initialization(keys[0], values[0])
         rows = sum(part.shape[0] for part in keys)
         size = max(self.capacity, 2 * width)
         for parts, name in ((keys, "_key_buffer"), (values, "_value_buffer")):
             like = parts[0]
-            buffer = like.new_empty((rows, like.shape[1], size, like.shape[-1]))
-            start = 0
+            setattr(self, name, like.new_empty((rows + max(8, rows // 2), like.shape[1], size, like.shape[-1])))
+        self._write(keys, values, 0, width)
+        self._view(rows, width)
+
+    def has_room(self, rows: int, width: int) -> bool:
+        """Whether ``append`` can add ``rows`` rows of at most ``width`` columns in place."""
+        return (self._holds_buffer() and width <= self.keys.shape[-2]
+                and self.keys.shape[0] + rows <= self._key_buffer.shape[0])
+
+    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Rows after the held ones, right-aligned to the held width, in the spare rows (``has_room``)."""
+        rows, width = self.keys.shape[0], self.keys.shape[-2]
+        self._write(keys, values, rows, width)
+        self._view(rows + sum(part.shape[0] for part in keys), width)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these held rows (ascending), moved down in place into the places of the others."""
+        width = self.keys.shape[-2]
+        for buffer in (self._key_buffer, self._value_buffer):
+            for place, row in enumerate(rows):
+                if place != row:
+                    buffer[place, :, :width].copy_(buffer[row, :, :width])
+        self._view(len(rows), width)
+
+    def _write(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: int, width: int) -> None:
+        for parts, buffer in ((keys, self._key_buffer), (values, self._value_buffer)):
+            at = start
             for part in parts:
-                end, pad = start + part.shape[0], width - part.shape[-2]
-                buffer[start:end, :, :pad].zero_()
-                buffer[start:end, :, pad:width].copy_(part)
-                start = end
-            setattr(self, name, buffer)
-        self.keys, self.values = self._key_buffer[:, :, :width], self._value_buffer[:, :, :width]
+                end, pad = at + part.shape[0], width - part.shape[-2]
+                buffer[at:end, :, :pad].zero_()
+                buffer[at:end, :, pad:width].copy_(part)
+                at = end
 
 
 def new_cache(model: nn.Module, capacity: int) -> DynamicCache | None:
@@ -113,7 +147,7 @@ def install(model: nn.Module) -> int:
     count = 0
     for layer in model.modules():
         if _eligible(layer):
-            layer.forward = types.MethodType(_decode_forward, layer)
+            layer.forward = types.MethodType(lean_forward, layer)
             count += 1
     if count:
         setattr(model, FAST, True)
@@ -130,13 +164,20 @@ def _eligible(layer: nn.Module) -> bool:
             and all(type(norm).__name__ in NORMS for norm in norms))
 
 
-def _rms_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Llama's RMSNorm.forward in one call: ATen's CPU ``rms_norm`` runs the same float32 operations
     (square, mean, add eps, rsqrt, scale, weight) in C++, bit for bit, for ~1.5% of a decode step."""
     return torch.rms_norm(hidden_states, (hidden_states.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding on queries and keys at once (``[batch, heads, tokens, head_dim]``):
+    elementwise, so each value is what ``apply_rotary_pos_emb`` gives it."""
+    half = qk.shape[-1] // 2
+    return (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)
+
+
+def lean_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """One token per row through the layer; anything else goes to the layer's own forward."""
     attn = self.self_attn
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -150,12 +191,9 @@ def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **
     q_size, k_size, _ = fused.sizes
 
     residual = hidden_states
-    qkv = fused.compute(_rms_norm(self.input_layernorm, hidden_states))
-    # Rotary embedding on q and k together: elementwise, so each value is what apply_rotary_pos_emb gives.
+    qkv = fused.compute(rms_norm(self.input_layernorm, hidden_states))
     qk = qkv[..., : q_size + k_size].view(batch, 1, -1, head_dim).transpose(1, 2)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    half = head_dim // 2
-    qk = (qk * cos) + (torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin)
+    qk = rotate(qk, *(t.unsqueeze(1) for t in position_embeddings))
     heads = q_size // head_dim
     query, key = qk[:, :heads], qk[:, heads:]
     value = qkv[..., q_size + k_size:].view(batch, 1, -1, head_dim).transpose(1, 2)
@@ -163,4 +201,4 @@ def _decode_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **
     out, _ = sdpa_attention_forward(attn, query, key, value, kwargs.get("attention_mask"), dropout=0.0,
                                     scaling=attn.scaling)
     hidden_states = residual + attn.o_proj(out.reshape(batch, 1, -1).contiguous())
-    return hidden_states + self.mlp(_rms_norm(self.post_attention_layernorm, hidden_states))
+    return hidden_states + self.mlp(rms_norm(self.post_attention_layernorm, hidden_states))

@@ -17,7 +17,7 @@ logprobs are taken from the raw logits, as vLLM's default ``raw_logprobs``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -64,13 +64,19 @@ class _Row:
 
 
 class RunningBatch:
-    """The rows being generated and their shared cache. Driven from one thread."""
+    """The rows being generated and their shared cache. Driven from one thread.
 
-    def __init__(self, model: Any, new_cache: Callable[[], Any]) -> None:
+    Where the model's layers allow it (``packs``: ``cpu_packed_step``), rows join inside a step,
+    their prompts run with the running rows' tokens in one forward; otherwise ``prefill`` runs
+    them apart first.
+    """
+
+    def __init__(self, model: Any, new_cache: Callable[[], Any], packs: bool = False) -> None:
         from rm_runner.backends.cpu_decode import cache_keyword
 
         self.model = model
         self.new_cache = new_cache
+        self.packs = packs
         self.cache_keyword = cache_keyword(model)
         self.rows: list[_Row] = []
         self.cache: Any = None
@@ -108,11 +114,22 @@ class RunningBatch:
             k = row.sampling.prompt_logprobs
             if k is not None:
                 token.prompt_logprobs = _prompt_logprobs(logits[i, width - len(row.prompt):], row.prompt, k)
-        self._join(rows, cache, mask.to(device), torch.tensor([t.token_id for t in tokens], device=device))
+        last = torch.tensor([t.token_id for t in tokens], device=device)
+        if self.rows:
+            self._join(rows, mask.to(device), last, [[layer.keys] for layer in cache.layers],
+                       [[layer.values] for layer in cache.layers])
+        else:  # the cache as the forward left it: nothing to splice into
+            self._adopt(rows, last)
+            self.cache, self.mask = cache, mask.to(device)
         return tokens
 
-    def step(self) -> list[Token]:
-        """One decode step for every row: each feeds its last token and gets the next."""
+    def step(self, new: Sequence[NewRow] = ()) -> list[Token]:
+        """One decode step for every row: each feeds its last token and gets the next. ``new``
+        rows (where the batch ``packs``) join in the same forward and get their first tokens."""
+        if new and not self.packs:
+            raise ValueError("this running batch prefills joining rows apart: call prefill() first")
+        if self.packs:
+            return self._packed_step(list(new))
         if not self.rows:
             return []
         device = self.model.device
@@ -129,6 +146,7 @@ class RunningBatch:
         self.last = torch.tensor([t.token_id for t in tokens], device=device)
         return tokens
 
+    @torch.inference_mode()  # the cache's tensors were made under it, and change in place
     def release(self, keys: set[Hashable]) -> None:
         """Cut these rows out of the batch (finished, cancelled), freeing their cache."""
         keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
@@ -141,26 +159,91 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.last = self.mask[index], self.last[index]
         first = int(self.mask.any(dim=0).long().argmax())  # columns before it hold only padding now
+        layers = self.cache.layers
+        if 4 * first < self.mask.shape[1] and all(_grows_in_place(layer, 0, 0) for layer in layers):
+            for layer in layers:  # the rows after the first gap move down; the padding stays a while
+                layer.keep(keep)
+            return
         self.mask = self.mask[:, first:]
         runs = _runs(keep)  # the kept rows as slices: views, so each layer is copied once
         for layer in self.cache.layers:
             _hold(layer, [layer.keys[run, :, first:] for run in runs], [layer.values[run, :, first:] for run in runs],
                   self.mask.shape[1])
 
-    def _join(self, rows: list[_Row], cache: Any, mask: torch.Tensor, last: torch.Tensor) -> None:
+    def _packed_step(self, new: list[NewRow]) -> list[Token]:
+        from rm_runner.backends import cpu_packed_step
+
+        if not self.rows and not new:
+            return []
+        device = self.model.device
+        running = len(self.rows)
+        positions = None
+        if running:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((running, 1))], dim=1)
+            positions = torch.tensor([r.position for r in self.rows], device=device)
+        whole = [r.sampling.prompt_logprobs is not None for r in new]
+        with torch.inference_mode():
+            out = cpu_packed_step.forward(self.model, self.last if running else None, positions, self.mask,
+                                          self.cache, [r.prompt for r in new], whole)
+        joining = [_Row(r.key, r.sampling, list(r.prompt), generator=_generator(r.sampling.seed, device),
+                        position=len(r.prompt)) for r in new]
+        picks, spans, at = list(range(running)), [], running  # each row's logits row; prompts' spans
+        for row, w in zip(new, whole):
+            length = len(row.prompt) if w else 1
+            spans.append((at, at + length))
+            picks.append(at + length - 1)
+            at += length
+        tokens = self._sample(out.logits[picks], self.rows + joining)
+        for row, token in zip(self.rows, tokens):
+            row.history.append(token.token_id)
+            row.made += 1
+            row.position += 1
+        for row, token, (begin, end) in zip(new, tokens[running:], spans):
+            k = row.sampling.prompt_logprobs
+            if k is not None:
+                token.prompt_logprobs = _prompt_logprobs(out.logits[begin:end], row.prompt, k)
+        last = torch.tensor([t.token_id for t in tokens], device=device)
+        if running:
+            self.last = last[:running]
+        if new:
+            width = max(len(r.prompt) for r in new)
+            mask = torch.zeros((len(new), width), dtype=torch.long, device=device)
+            for i, row in enumerate(new):
+                mask[i, width - len(row.prompt):] = 1
+            self._join(joining, mask, last[running:], out.keys, out.values)
+        return tokens
+
+    def _adopt(self, rows: list[_Row], last: torch.Tensor) -> None:
+        """The joining rows' first tokens, and the rows in the batch (their cache is the caller's to place)."""
         for row, token in zip(rows, last.tolist()):
             row.history.append(token)
             row.made = 1
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.last = rows, cache, mask, last
+        self.rows = self.rows + rows
+        self.last = last if self.last is None else torch.cat([self.last, last])
+
+    @torch.inference_mode()
+    def _join(self, rows: list[_Row], mask: torch.Tensor, last: torch.Tensor, keys: list[list[torch.Tensor]],
+              values: list[list[torch.Tensor]]) -> None:
+        """Splice joining rows in: ``keys``/``values`` per layer, their parts (stacked in row order,
+        each right-aligned to ``mask``'s width at most), ``mask`` their padding."""
+        if self.cache is None:
+            self.cache = self.new_cache()
+        layers, joining = self.cache.layers, mask.shape[0]
+        if self.rows and all(_grows_in_place(layer, joining, mask.shape[1]) for layer in layers):
+            for layer, joining_keys, joining_values in zip(layers, keys, values):
+                layer.append(joining_keys, joining_values)
+            self.mask = torch.cat([self.mask, _pad_left(mask, self.columns - mask.shape[1])])
+            self._adopt(rows, last)
             return
         width = max(self.columns, mask.shape[1])
         old_pad, new_pad = width - self.columns, width - mask.shape[1]
-        self.mask = torch.cat([_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
-        for layer, joining in zip(self.cache.layers, cache.layers):
-            _hold(layer, [layer.keys, joining.keys], [layer.values, joining.values], width)
-        self.rows = self.rows + rows
-        self.last = torch.cat([self.last, last])
+        self.mask = _pad_left(mask, new_pad) if self.mask is None else torch.cat(
+            [_pad_left(self.mask, old_pad), _pad_left(mask, new_pad)])
+        held = bool(self.rows)
+        for layer, joining_keys, joining_values in zip(self.cache.layers, keys, values):
+            _hold(layer, ([layer.keys] if held else []) + joining_keys,
+                  ([layer.values] if held else []) + joining_values, width)
+        self._adopt(rows, last)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[Token]:
         """The next token of each row from its logits row ([rows, vocab], float32)."""
@@ -243,6 +326,13 @@ def _pad_left(t: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = n
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _grows_in_place(layer: Any, rows: int, width: int) -> bool:
+    """Whether a cache layer can take ``rows`` more rows of ``width`` columns, or drop rows, in
+    place (``cpu_decode.PreallocatedLayer`` with room to spare)."""
+    has_room = getattr(layer, "has_room", None)
+    return has_room is not None and has_room(rows, width)
 
 
 def _hold(layer: Any, keys: list[torch.Tensor], values: list[torch.Tensor], width: int) -> None:

@@ -93,7 +93,12 @@ class TransformersTorchBackend(Backend):
             return None
         from rm_runner.backends.running_batch import RunningBatch
 
-        return RunningBatch(model, lambda: self.step_cache(model))
+        return RunningBatch(model, lambda: self.step_cache(model), packs=self.packs_steps(model))
+
+    def packs_steps(self, model: Any) -> bool:
+        """Whether a step can run joining rows' prompts with the running rows' tokens (a backend's
+        own forward does it: ``CPUBackend``); transformers' forward takes one padded batch."""
+        return False
 
     def step_cache(self, model: Any) -> Any:
         """An empty KV cache for a running batch's prefill."""

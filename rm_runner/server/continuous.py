@@ -4,9 +4,10 @@ For engines that run the model in this process and can step it (``engine.running
 PyTorch CPU and GPU paths). Where the dynamic batcher runs a batch until every row has ended, so
 that a request arriving meanwhile waits for the whole batch, here each iteration of ``run``
 admits what waits (oldest first, up to ``max_batch_size`` rows and ``max_num_batched_tokens``
-prompt tokens: a running row waits for one prefill of that size at most), runs their prefill,
-then one decode step for every row, and cuts out the rows that ended (a stop, ``max_tokens``, a
-client that left) before the next. Rows of any sampling settings share the batch: each samples
+prompt tokens: a running row waits for one prefill of that size at most), runs one step in
+which the running rows make a token each and the admitted rows' prompts their first (one
+forward where the batch packs, else their prefill first), and cuts out the rows that ended (a
+stop, ``max_tokens``, a client that left) before the next. Rows of any sampling settings share the batch: each samples
 for itself. The queue, its limits, cancellation and shutdown are the dynamic batcher's.
 """
 
@@ -48,13 +49,16 @@ class ContinuousBatcher(DynamicBatcher):
                 if admitted is None:
                     return
                 try:
-                    if admitted:
-                        self._deliver(batch.prefill(self._new_rows(admitted)), batch)
-                    if len(batch):
-                        self.on_batch(len(batch))
-                        self.stats.rows += len(batch)
+                    new = self._new_rows(admitted) if admitted else []
+                    if new and not batch.packs:  # prefilled apart, then stepped with the rest
+                        self._deliver(batch.prefill(new), batch)
+                        new = []
+                    if len(batch) or new:
+                        rows = len(batch) + len(new)
+                        self.on_batch(rows)
+                        self.stats.rows += rows
                         began = time.perf_counter()
-                        tokens = batch.step()
+                        tokens = batch.step(new)
                         self.on_step(time.perf_counter() - began)
                         self._deliver(tokens, batch)
                 except Exception as exc:  # a failed step fails the requests it ran, not the server
