@@ -133,7 +133,7 @@ def test_plugin_is_chosen_by_name_with_options(plugin_env, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert backend_of(tmp_path) == {"name": "fakenpu", "mode": "pytorch", "options": {
         "python": None, "num_threads": 1, "mode": "pytorch", "kv_cache_space_gib": 1, "reserved_cpus": 0, "enforce_eager": True,
-        "onednn_linear": True, "fast_decode": True}}
+        "onednn_linear": True, "fast_decode": True, "packed_steps": True}}
 
 
 def test_unknown_plugin_name_lists_the_registered_ones(tmp_path: Path) -> None:
