@@ -129,6 +129,23 @@ def test_a_cancelled_row_leaves_at_the_next_step(engine) -> None:
     assert leaving_events.queue[-1][0] == "done"
 
 
+def test_arrivals_run_inside_the_step_where_the_batch_packs(engine) -> None:
+    """On the CPU path a request's prompt runs in a step with the running rows, not in a prefill
+    of its own: three tokens take three steps (prefilled apart: a prefill and two steps)."""
+    assert engine.running_batch().packs
+    batcher = batcher_of(engine)
+    steps: list[float] = []
+    sizes: list[int] = []
+    batcher.on_step, batcher.on_batch = steps.append, sizes.append
+    first, _ = job(engine, "a b c", max_tokens=3, sampling=LONG)
+    second, _ = job(engine, "d e", max_tokens=3, sampling=LONG)
+    batcher.submit(first)
+    batcher.submit(second)
+    serve(batcher, lambda: (first.ended.wait(60), second.ended.wait(60)))
+    assert len(steps) == 3 and sizes == [2, 2, 2]
+    assert len(first.choices[0].token_ids) == len(second.choices[0].token_ids) == 3
+
+
 def test_the_token_budget_spreads_prefills_over_steps(engine) -> None:
     """With room for one prompt's tokens per step, two waiting requests join one step apart."""
     batcher = batcher_of(engine, max_num_batched_tokens=4)

@@ -38,7 +38,7 @@ def applies(model: nn.Module) -> bool:
     """Whether every decoder layer runs the lean forward (so this one's arithmetic is the model's)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    return (cpu_decode.installed(model) and layers is not None and len(layers) > 0
+    return (layers is not None and len(layers) > 0
             and all(getattr(layer.forward, "__func__", None) is cpu_decode.lean_forward for layer in layers)
             and all(hasattr(inner, name) for name in ("embed_tokens", "rotary_emb", "norm"))
             and isinstance(getattr(model, "lm_head", None), nn.Module))

@@ -93,12 +93,11 @@ class RunningBatch:
     def prefill(self, new: list[NewRow]) -> list[Token]:
         """Run the prompts of ``new`` and make their first tokens; the rows join the batch."""
         device = self.model.device
-        width = max(len(r.prompt) for r in new)
+        mask = _padding_mask(new)
+        width = mask.shape[1]
         ids = torch.zeros((len(new), width), dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
         for i, row in enumerate(new):
             ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         wants_prompt = any(r.sampling.prompt_logprobs is not None for r in new)
         cache = self.new_cache()
@@ -107,8 +106,7 @@ class RunningBatch:
                              position_ids=positions.to(device), use_cache=True,
                              logits_to_keep=0 if wants_prompt else 1, **{self.cache_keyword: cache})
         logits = out.logits.float()
-        rows = [_Row(r.key, r.sampling, list(r.prompt), generator=_generator(r.sampling.seed, device),
-                     position=len(r.prompt)) for r in new]
+        rows = _joining(new, device)
         tokens = self._sample(logits[:, -1], rows)
         for i, (row, token) in enumerate(zip(new, tokens)):
             k = row.sampling.prompt_logprobs
@@ -139,10 +137,7 @@ class RunningBatch:
             out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
         tokens = self._sample(out.logits[:, -1].float(), self.rows)
-        for row, token in zip(self.rows, tokens):
-            row.history.append(token.token_id)
-            row.made += 1
-            row.position += 1
+        self._advance(tokens)
         self.last = torch.tensor([t.token_id for t in tokens], device=device)
         return tokens
 
@@ -185,8 +180,7 @@ class RunningBatch:
         with torch.inference_mode():
             out = cpu_packed_step.forward(self.model, self.last if running else None, positions, self.mask,
                                           self.cache, [r.prompt for r in new], whole)
-        joining = [_Row(r.key, r.sampling, list(r.prompt), generator=_generator(r.sampling.seed, device),
-                        position=len(r.prompt)) for r in new]
+        joining = _joining(new, device)
         picks, spans, at = list(range(running)), [], running  # each row's logits row; prompts' spans
         for row, w in zip(new, whole):
             length = len(row.prompt) if w else 1
@@ -194,10 +188,7 @@ class RunningBatch:
             picks.append(at + length - 1)
             at += length
         tokens = self._sample(out.logits[picks], self.rows + joining)
-        for row, token in zip(self.rows, tokens):
-            row.history.append(token.token_id)
-            row.made += 1
-            row.position += 1
+        self._advance(tokens)
         for row, token, (begin, end) in zip(new, tokens[running:], spans):
             k = row.sampling.prompt_logprobs
             if k is not None:
@@ -206,12 +197,15 @@ class RunningBatch:
         if running:
             self.last = last[:running]
         if new:
-            width = max(len(r.prompt) for r in new)
-            mask = torch.zeros((len(new), width), dtype=torch.long, device=device)
-            for i, row in enumerate(new):
-                mask[i, width - len(row.prompt):] = 1
-            self._join(joining, mask, last[running:], out.keys, out.values)
+            self._join(joining, _padding_mask(new).to(device), last[running:], out.keys, out.values)
         return tokens
+
+    def _advance(self, tokens: list[Token]) -> None:
+        """The running rows past the tokens a step made them (the first ``len(self.rows)`` of ``tokens``)."""
+        for row, token in zip(self.rows, tokens):
+            row.history.append(token.token_id)
+            row.made += 1
+            row.position += 1
 
     def _adopt(self, rows: list[_Row], last: torch.Tensor) -> None:
         """The joining rows' first tokens, and the rows in the batch (their cache is the caller's to place)."""
@@ -259,6 +253,21 @@ class RunningBatch:
                 token.logprob = _token_logprob(logprobs[i], chosen[i], s.logprobs)
             tokens.append(token)
         return tokens
+
+
+def _joining(new: list[NewRow], device: Any) -> list[_Row]:
+    """The rows of ``new`` as the batch keeps them, before their first token."""
+    return [_Row(r.key, r.sampling, list(r.prompt), generator=_generator(r.sampling.seed, device),
+                 position=len(r.prompt)) for r in new]
+
+
+def _padding_mask(new: list[NewRow]) -> torch.Tensor:
+    """``[rows, longest prompt]``: 1 where a row, left-padded to the longest, has a prompt token."""
+    width = max(len(r.prompt) for r in new)
+    mask = torch.zeros((len(new), width), dtype=torch.long)
+    for i, row in enumerate(new):
+        mask[i, width - len(row.prompt):] = 1
+    return mask
 
 
 def _pick(logits: torch.Tensor, row: _Row) -> int:

@@ -7,8 +7,8 @@ admits what waits (oldest first, up to ``max_batch_size`` rows and ``max_num_bat
 prompt tokens: a running row waits for one prefill of that size at most), runs one step in
 which the running rows make a token each and the admitted rows' prompts their first (one
 forward where the batch packs, else their prefill first), and cuts out the rows that ended (a
-stop, ``max_tokens``, a client that left) before the next. Rows of any sampling settings share the batch: each samples
-for itself. The queue, its limits, cancellation and shutdown are the dynamic batcher's.
+stop, ``max_tokens``, a client that left) before the next. Rows of any sampling settings share
+the batch: each samples for itself. The queue, its limits, cancellation and shutdown are the dynamic batcher's.
 """
 
 from __future__ import annotations
