@@ -134,14 +134,16 @@ def test_benchmark_agrees_with_vllms_own_timing(tmp_path: Path) -> None:
     print(json.dumps(reported, indent=1))
     assert reported["output_tokens"]["client"] == reported["output_tokens"]["server"] == 2 * 8 * 32
     # The client sees the server's time plus what its API process and HTTP add: never less, and not
-    # much more. That addition is a fixed delay, not a share: vLLM stamps a request's arrival after
-    # its API process has taken it in and its first token before that process streams it, and on
-    # two cores shared with the engine's busy threads either can wait a scheduler slice or more
-    # (CI once saw 0.23 s against the server's 0.09 s). So the first token is held to the server's
-    # time plus at most 0.25 s: far less than a request takes (~0.9 s), which a TTFT measured to
-    # the wrong token or from the pass's start instead of the request's would exceed.
+    # much more. vLLM stamps a request's arrival after its API process has taken it in and its first
+    # token before that process streams it, and on two cores shared with the engine's busy threads
+    # either waits as the whole machine is slow: CI saw 0.23 s against the server's 0.09 s where a
+    # request took ~0.9 s, and 1.06 s against 0.40 s where one took 3.6 s. So the addition is held to
+    # a quarter of a request's whole time (at least 0.25 s). A TTFT measured to the wrong token adds
+    # nearly all of it, and one measured from the pass's start adds half of it on average (at
+    # concurrency 4, the second four requests start as the first four end).
     ttft = reported["ttft_s"]
-    assert 0.9 * ttft["server_mean"] <= ttft["client_mean"] <= ttft["server_mean"] + 0.25, ttft
+    added = max(0.25, 0.25 * reported["e2el_s"]["server_mean"])
+    assert 0.9 * ttft["server_mean"] <= ttft["client_mean"] <= ttft["server_mean"] + added, (ttft, added)
     for figure, (low, high) in {"tpot_s": (0.8, 1.25), "e2el_s": (0.95, 1.25)}.items():
         assert low <= reported[figure]["ratio"] <= high, (figure, reported[figure])
 
