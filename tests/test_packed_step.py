@@ -103,6 +103,30 @@ def test_rows_join_and_leave_the_cache_in_place(backends) -> None:
     assert layer._key_buffer.data_ptr() != buffer and batch.columns == 20 == layer.keys.shape[-2]
 
 
+def test_padding_columns_go_and_rows_arrive_without_a_new_cache(backends) -> None:
+    """Columns that only padding holds are dropped in place, a batch started by one row takes 64
+    more before its buffers are replaced, and they stay when the batch empties (before: a new
+    cache per trim, past 8 spare rows and per emptied batch, each touching the whole cache anew)."""
+    (backend, model), _, _ = backends
+    batch = backend.running_batch(model)
+    batch.step([NewRow("long", prompt(0, 20), RowSampling())])
+    layer = batch.cache.layers[0]
+    buffer = layer._key_buffer.data_ptr()
+    batch.step([NewRow(i, prompt(i, 4), RowSampling()) for i in range(2)])
+    before = layer.keys[1:].clone()
+    batch.release({"long"})  # its 20 prompt tokens and first token: 21 columns, the short rows' last 4
+    assert layer._key_buffer.data_ptr() == buffer and batch.columns == 4 == layer.keys.shape[-2]
+    assert torch.equal(layer.keys, before[:, :, 17:])
+    for i in range(2, 64):
+        batch.step([NewRow(i, prompt(i, 3), RowSampling())])
+    assert len(batch) == 64 and layer._key_buffer.data_ptr() == buffer
+    batch.release(set(range(64)))  # the last rows gone: the buffers stay for the next ones, of any width
+    tokens = batch.step([NewRow("next", prompt(1, 25), RowSampling())])
+    assert batch.cache.layers[0] is layer and layer._key_buffer.data_ptr() == buffer and batch.columns == 25
+    alone = backend.running_batch(model).step([NewRow("next", prompt(1, 25), RowSampling())])
+    assert tokens[0].token_id == alone[0].token_id
+
+
 @pytest.mark.parametrize("which", [1, 2], ids=["fast_decode=false", "packed_steps=false"])
 def test_a_batch_that_cannot_pack_says_so(backends, which: int) -> None:
     backend, model = backends[which]

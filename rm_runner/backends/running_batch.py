@@ -148,18 +148,27 @@ class RunningBatch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.cache, self.mask, self.last = [], None, None, None
+            if all(_grows_in_place(layer, 0, 0) for layer in self.cache.layers):
+                for layer in self.cache.layers:  # the buffers stay for the rows to come, their pages mapped
+                    layer.keep([])
+            else:
+                self.cache = None
+            self.rows, self.mask, self.last = [], None, None
             return
         index = torch.tensor(keep, device=self.mask.device)
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.last = self.mask[index], self.last[index]
         first = int(self.mask.any(dim=0).long().argmax())  # columns before it hold only padding now
-        layers = self.cache.layers
-        if 4 * first < self.mask.shape[1] and all(_grows_in_place(layer, 0, 0) for layer in layers):
-            for layer in layers:  # the rows after the first gap move down; the padding stays a while
-                layer.keep(keep)
-            return
+        if 4 * first < self.mask.shape[1]:
+            first = 0  # the padding stays a while
         self.mask = self.mask[:, first:]
+        layers = self.cache.layers
+        if all(_grows_in_place(layer, 0, 0) for layer in layers):
+            for layer in layers:  # the rows after the first gap move down, the columns left
+                layer.keep(keep)
+                if first:
+                    layer.drop_columns(first)
+            return
         runs = _runs(keep)  # the kept rows as slices: views, so each layer is copied once
         for layer in self.cache.layers:
             _hold(layer, [layer.keys[run, :, first:] for run in runs], [layer.values[run, :, first:] for run in runs],
@@ -223,10 +232,11 @@ class RunningBatch:
         if self.cache is None:
             self.cache = self.new_cache()
         layers, joining = self.cache.layers, mask.shape[0]
-        if self.rows and all(_grows_in_place(layer, joining, mask.shape[1]) for layer in layers):
+        if all(_grows_in_place(layer, joining, mask.shape[1]) for layer in layers):
             for layer, joining_keys, joining_values in zip(layers, keys, values):
                 layer.append(joining_keys, joining_values)
-            self.mask = torch.cat([self.mask, _pad_left(mask, self.columns - mask.shape[1])])
+            self.mask = mask if self.mask is None else torch.cat(
+                [self.mask, _pad_left(mask, self.columns - mask.shape[1])])
             self._adopt(rows, last)
             return
         width = max(self.columns, mask.shape[1])
