@@ -57,7 +57,25 @@ def main() -> None:
         from rm_runner.plan import main as plan
 
         sys.exit(plan([a for a in sys.argv[1:] if a != "--dry-run"]))
+    problem = composition_problem(sys.argv[1:])
+    if problem is not None:  # before Hydra makes a run directory: nothing is written for a bad command line
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(1)
     _task()
+
+
+def composition_problem(argv: list[str]) -> str | None:
+    """Why the run these arguments ask for does not compose (Hydra's own argument parser reads
+    them), or None; Hydra's flags that print instead of running are left to Hydra."""
+    from hydra._internal.utils import get_args_parser
+
+    from rm_runner.composition import check_overrides
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info is not None or args.shell_completion or args.config_name \
+            or args.config_path:
+        return None
+    return check_overrides(list(args.overrides), args.config_dir, multirun=bool(args.multirun))
 
 
 if __name__ == "__main__":

@@ -367,9 +367,34 @@ class RunConfig:
 
 
 def register_schema() -> None:
+    """The run's schema, and each device's and engine's options as the schema its group option's
+    YAML extends (``<name>_schema`` in its defaults list, as Hydra's schema pattern has it)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="rm_runner_schema", node=RunConfig)
+    store = ConfigStore.instance()
+    store.store(name="rm_runner_schema", node=RunConfig)
+    for group, schemas in option_schemas().items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=f"{name}_schema", node=schema)
+
+
+def option_schemas() -> dict[str, dict[str, type]]:
+    """Per group, per option: the options dataclass with the ``_target_`` that takes them. The
+    devices are the registry's (plugins included: the YAML of a device of theirs may extend it)."""
+    from rm_runner.backends.registry import registrations
+    from rm_runner.engines.options import ENGINES
+
+    devices = {name: targeted(cls.options_class, f"{cls.__module__}.{cls.__qualname__}")
+               for name, cls in registrations().classes.items()}
+    return {"device": devices, "engine": {name: targeted(options, target) for name, (target, options) in ENGINES.items()}}
+
+
+def targeted(options_class: type, target: str) -> type:
+    """``options_class`` with a ``_target_`` field first: a group option's schema."""
+    from dataclasses import make_dataclass
+
+    return make_dataclass(f"{options_class.__name__}Schema", [("_target_", str, field(default=target))],
+                          bases=(options_class,))
 
 
 def quote_override(value: str) -> str:
@@ -409,11 +434,9 @@ def validated(cfg: DictConfig) -> DictConfig:
         if merged.on_unavailable not in ("fail", "skip"):
             raise ValueError(f"on_unavailable must be fail or skip, got {merged.on_unavailable!r}")
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
-        if type(exc).__name__ == "MissingMandatoryValue":
-            raise ConfigError(f"{key} is required: set it on the command line ({key}=...)") from None
-        raise ConfigError(f"{key}: {detail}" if key else detail) from None
+        from rm_runner.composition import explain
+
+        raise ConfigError(explain(exc)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return merged
@@ -421,15 +444,21 @@ def validated(cfg: DictConfig) -> DictConfig:
 
 def check_options(schema: type, options: dict[str, Any], section: str) -> Any:
     """Validate a `_target_`'s keyword options against its dataclass; errors name ``section.key``."""
+    from omegaconf.errors import ConfigKeyError
+
+    from rm_runner.composition import did_you_mean, explain
+
+    fields = [f.name for f in schema.__dataclass_fields__.values()]  # type: ignore[attr-defined]
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(options))
         return OmegaConf.to_object(merged)
+    except ConfigKeyError as exc:
+        key = str(getattr(exc, "key", "") or "")
+        raise ConfigError(f"{section}.{key}: unknown option{did_you_mean(key, fields)}; "
+                          f"valid options are: {', '.join(fields)}") from None
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or ""
-        detail = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
-        allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())  # type: ignore[attr-defined]
-        if type(exc).__name__ == "ConfigKeyError":
-            raise ConfigError(f"{section}.{key}: unknown option; valid options are: {allowed}") from None
-        raise ConfigError(f"{section}.{key}: {detail}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{section}: {exc}") from None
+        raise ConfigError(f"{section}.{explain(exc)}") from None
+    except ValueError as exc:  # a __post_init__ check: its message starts with the field's name
+        message = str(exc)
+        named = message.split(" ", 1)[0].split("=", 1)[0] in fields
+        raise ConfigError(f"{section}.{message}" if named else f"{section}: {message}") from None

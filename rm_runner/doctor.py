@@ -172,12 +172,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from hydra.errors import HydraException
 
     from rm_runner.errors import ConfigError
-    from rm_runner.recipes import error_message
+    from rm_runner.composition import explain
 
     try:
         report = diagnose(args.overrides)
     except (HydraException, ConfigError) as exc:  # an override that does not compose or validate: say which
-        print(f"error: {error_message(exc)}", file=sys.stderr)
+        print(f"error: {explain(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0

@@ -40,7 +40,8 @@ def _compose(overrides: list[str]) -> DictConfig:
 
 def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None) -> list[dict[str, Any]]:
     from rm_runner.config import composing
-    from rm_runner.recipes import check_job, error_message, sweep_jobs
+    from rm_runner.composition import explain
+    from rm_runner.recipes import check_job, sweep_jobs
 
     plain, sweeps = _split(overrides)
     if sweeps and not multirun:
@@ -73,7 +74,7 @@ def plan(overrides: list[str], multirun: bool, config_dir: Optional[Path] = None
                     del cfg["hydra"]
                 entry.update(_judge(cfg, job_dir))
             except Exception as exc:  # composition and validation errors are the plan's answer
-                entry.update(would="invalid", reason=error_message(exc))
+                entry.update(would="invalid", reason=explain(exc))
             jobs.append(entry)
     return jobs
 
@@ -118,12 +119,12 @@ def main(argv: list[str]) -> int:
     config_dir = Path(argv[flag + 1]) if flag is not None and flag + 1 < len(argv) else None
     from hydra.errors import HydraException
 
-    from rm_runner.recipes import error_message
+    from rm_runner.composition import explain
 
     try:
         jobs = plan(command_line_overrides(argv), multirun, config_dir)
     except (HydraException, ConfigError) as exc:  # the command line does not compose: one line naming it
-        print(f"error: {error_message(exc)}", file=sys.stderr)
+        print(f"error: {explain(exc)}", file=sys.stderr)
         return 2
     print(render(jobs))
     bad = any(j["would"] == "invalid" for j in jobs) or (not multirun and jobs[0]["would"] != "run")

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rm_runner.composition import explain
 from rm_runner.config import check_options, composing, validated
 from rm_runner.errors import ConfigError
 
@@ -221,25 +222,6 @@ def check_job(cfg: DictConfig) -> None:
         check_target(section, node)
 
 
-def error_message(exc: BaseException) -> str:
-    """One line naming the key: Hydra's composition errors are several lines with the key last."""
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    text = str(exc).split("Config search path:")[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
-    lines = [line for line in lines if not line.startswith(("full_key:", "reference_type=", "object_type="))]
-    if lines and lines[0].endswith("raised while composing config:"):
-        lines = lines[1:]
-    available = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
-    if available is not None:  # a missing group option: name the valid ones on the same line
-        lines = [*lines[:available], f"{lines[available].lower()} {', '.join(lines[available + 1:])}"]
-    detail = "; ".join(lines)
-    if full_key and full_key not in detail:
-        return f"{full_key}: {detail}"
-    return detail or type(exc).__name__
-
-
 def validate_recipe(recipe: Recipe, search_overrides: list[str]) -> Optional[str]:
     """None when the recipe and, for a sweep, every job of it compose and check; else the error."""
     if not recipe.package_global:
@@ -252,13 +234,13 @@ def validate_recipe(recipe: Recipe, search_overrides: list[str]) -> Optional[str
         jobs = sweep_jobs({str(k): str(v) for k, v in params.items()}) if params else []
         check_job(cfg)
     except Exception as exc:  # anything composition raises is the recipe's fault: report it
-        return error_message(exc)
+        return explain(exc)
     failures = []
     for job in jobs:
         try:
             check_job(_compose(recipe.name, [*search_overrides, *job]))
         except Exception as exc:
-            failures.append(f"[{' '.join(job)}] {error_message(exc)}")
+            failures.append(f"[{' '.join(job)}] {explain(exc)}")
     if failures:
         extra = len(failures) - 1
         return failures[0] + (f" (and {extra} more failing job{'s' if extra > 1 else ''})" if extra else "")

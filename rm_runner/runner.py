@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rm_runner import environment
+from rm_runner.composition import explain
 from rm_runner.config import validated
 from rm_runner.errors import ConfigError, DeviceUnavailableError, RunnerError
 from rm_runner.pipeline.context import RunContext
@@ -38,7 +39,7 @@ def build(section: str, node: Any, **kwargs: Any) -> Any:
             raise cause from None
         if isinstance(cause, TypeError):
             raise ConfigError(f"{section}: {cause}") from None
-        raise ConfigError(f"{section}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{section}: {explain(exc)}") from None
 
 
 def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:

@@ -54,9 +54,8 @@ def test_cfg_job_prints_config_without_importing_torch() -> None:
 def test_unknown_device_lists_valid_options(tmp_path: Path) -> None:
     proc = cli("device=tpu", f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode != 0
-    assert "Could not find 'device/tpu'" in proc.stderr
-    for name in ("auto", "cpu", "gpu", "rbln"):
-        assert f"\t{name}" in proc.stderr
+    assert proc.stderr.startswith("error: device=tpu: no such option (did you mean gpu?); available options in "
+                                  "'device': auto, cpu, gpu, plugin, rbln, remote\n")  # not the schemas (cpu_schema)
     assert not (tmp_path / "run").exists()
 
 
@@ -65,7 +64,7 @@ def test_unknown_device_lists_valid_options(tmp_path: Path) -> None:
     [
         ("generation.max_new_tokens=abc", "could not be converted to Integer"),
         ("model.dtype=float64", "expected one of [auto, float32, bfloat16, float16]"),
-        ("device.nthreads=2", "Key 'nthreads' is not in struct"),
+        ("device.nthreads=2", "device.nthreads: no such key (did you mean device.num_threads?)"),
     ],
 )
 def test_wrong_type_or_key_rejected_at_composition(tmp_path: Path, override: str, message: str) -> None:

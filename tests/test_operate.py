@@ -80,7 +80,8 @@ def test_doctor_human_table_and_a_device_environment_that_does_not_exist() -> No
     assert "device.python=/no/such/python does not exist" in proc.stdout
     typo = subprocess.run([sys.executable, "-m", "rm_runner.doctor", "engine.nope=1"], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
-    assert typo.returncode == 2 and "Could not override 'engine.nope'" in typo.stderr and "Traceback" not in typo.stderr
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert typo.stderr == "error: engine.nope: no such key; valid keys: batch_size\n"
 
 
 def test_a_device_environment_runs_the_job_or_names_what_is_missing(tmp_path: Path) -> None:
@@ -145,8 +146,9 @@ def test_dry_run_numbers_a_recipe_sweep_as_hydra_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["model=nope"], "error: In 'config': Could not find 'model/nope'; available options in 'model': "),
-    (["generation.temperature=["], "error: no viable alternative at input '['"),
+    (["model=nope"], "error: model=nope: no such option; available options in 'model': llama3, llama3.2-1b,"),
+    (["generation.temperature=["],
+     "error: generation.temperature=[: not an override Hydra can parse (no viable alternative at input '['"),
     (["-m", "generation.max_new_tokens=interval(1,4)"],
      "error: generation.max_new_tokens=interval(1,4): the basic sweeper takes lists and choice()"),
     (["generation.max_new_tokens=4,8"], "error: generation.max_new_tokens=4,8: a sweep (a,b values) needs -m"),
@@ -186,7 +188,8 @@ def test_submitit_and_ray_sweeps_summarise_like_the_basic_launcher(tmp_path: Pat
 def test_launcher_faults_are_named(tmp_path: Path) -> None:
     unknown = cli("-m", "hydra/launcher=nope", "model=tiny-random", cwd=tmp_path)
     assert unknown.returncode != 0
-    assert "Could not find 'hydra/launcher/nope'" in unknown.stderr and "ray-local" in unknown.stderr
+    assert "hydra/launcher=nope: no such option; available options in 'hydra/launcher': basic, ray," in unknown.stderr
+    assert "ray-local" in unknown.stderr
     began = time.monotonic()
     silent = cli("-m", "hydra/launcher=ray-cluster", "hydra.launcher.ray.init.address=127.0.0.1:9",
                  "model=tiny-random", cwd=tmp_path, env={"RAY_USAGE_STATS_ENABLED": "0"})

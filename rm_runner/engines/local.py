@@ -10,9 +10,10 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from rm_runner.backends.base import Backend, OnStep
-from rm_runner.config import GenerationConfig, ModelConfig
+from rm_runner.config import GenerationConfig, ModelConfig, check_options
 from rm_runner.engines.base import Engine, Executor
 from rm_runner.engines.openai_client import OpenAIClient, Passthrough
+from rm_runner.engines.options import LocalOptions
 from rm_runner.errors import ConfigError, RunnerError
 from rm_runner.requests import Completion, GenerationRequest, Request, SamplingParams, TokenLogprob
 
@@ -28,15 +29,15 @@ class LocalEngine(Engine):
     """
 
     name = "local"
+    options_class: type = LocalOptions  # engine.*: its schema in the ConfigStore, checked here too
 
-    def __init__(self, backend: Backend, batch_size: int = 16) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"engine.batch_size must be >= 1, got {batch_size}")
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        self.options = check_options(self.options_class, options, section="engine")
         self.backend = backend
         endpoint = backend.endpoint()
         # The device runs requests in this process, or it is a server reached through the OpenAI client.
         self.executor: Executor = OpenAIClient(endpoint) if endpoint is not None else backend
-        self.batch_size = batch_size
+        self.batch_size = self.options.batch_size
         self.model: Any = None
         self.tokenizer: Any = None
         self.eos_ids: set[int] = set()

@@ -11,6 +11,7 @@ from rm_runner.backends.base import Backend
 from rm_runner.config import GenerationConfig, ModelConfig
 from rm_runner.engines.base import ServerClient
 from rm_runner.engines.local import LocalEngine
+from rm_runner.engines.options import ServedOptions
 from rm_runner.engines.process import ServerProcess
 from rm_runner.requests import Completion, Request
 
@@ -18,12 +19,13 @@ from rm_runner.requests import Completion, Request
 class ServedEngine(LocalEngine):
     """A local engine whose executor is a client of a server process this engine started."""
 
-    def __init__(self, backend: Backend, batch_size: int, host: str, python: str | None,
-                 startup_timeout_s: float) -> None:
-        super().__init__(backend, batch_size=batch_size)
-        self.host = host
-        self.python = str(Path(python).expanduser()) if python else sys.executable
-        self.startup_timeout_s = startup_timeout_s
+    options_class: type = ServedOptions
+
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        super().__init__(backend, **options)
+        self.host = self.options.host
+        self.python = str(Path(self.options.python).expanduser()) if self.options.python else sys.executable
+        self.startup_timeout_s = self.options.startup_timeout_s
         self.server: ServerProcess | None = None
         self.ready_s: float | None = None
 

@@ -22,6 +22,7 @@ from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend, OnStep
 from rm_runner.backends.server_steps import follow_server_steps
 from rm_runner.config import ModelConfig
+from rm_runner.engines.options import TorchServeOptions
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port
 from rm_runner.requests import GenerationRequest
@@ -95,17 +96,16 @@ class TorchServeEngine(ServedEngine):
     name = "torchserve"
     packages = ("torchserve", "torch-model-archiver")
 
-    def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1",
-                 inference_port: int | None = None, management_port: int | None = None,
-                 metrics_port: int | None = None, grpc_inference_port: int | None = None,
-                 grpc_management_port: int | None = None, python: str | None = None, model_name: str = "rm_runner",
-                 startup_timeout_s: float = 300.0, response_timeout_s: int = 600) -> None:
-        super().__init__(backend, batch_size, host, python, startup_timeout_s)
-        self.ports = {"inference_port": inference_port, "management_port": management_port,
-                      "metrics_port": metrics_port, "grpc_inference_port": grpc_inference_port,
-                      "grpc_management_port": grpc_management_port}
-        self.model_name = model_name
-        self.response_timeout_s = response_timeout_s
+    options_class: type = TorchServeOptions
+
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        super().__init__(backend, **options)
+        o = self.options
+        self.ports = {"inference_port": o.inference_port, "management_port": o.management_port,
+                      "metrics_port": o.metrics_port, "grpc_inference_port": o.grpc_inference_port,
+                      "grpc_management_port": o.grpc_management_port}
+        self.model_name = o.model_name
+        self.response_timeout_s = o.response_timeout_s
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.ports}

@@ -23,6 +23,7 @@ from rm_runner.backends.base import Availability, Backend, OnStep
 from rm_runner.backends.hf_generate import padded
 from rm_runner.backends.server_steps import follow_server_steps
 from rm_runner.config import ModelConfig
+from rm_runner.engines.options import TritonOptions
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
 from rm_runner.engines.triton_vllm import TritonVLLMClient, vllm_backend_installed, write_model_repository
@@ -143,24 +144,15 @@ class TritonEngine(ServedEngine):
                                        "(nvidia-pytriton, tritonclient)", INSTALL)
         return Availability(True)
 
-    def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", http_port: int | None = None,
-                 grpc_port: int | None = None, metrics_port: int | None = None, python: str | None = None,
-                 model_name: str = "rm_runner", max_batch_size: int = 64, max_queue_delay_us: int = 2000,
-                 startup_timeout_s: float = 300.0, request_timeout_s: float = 600.0, server: str = "auto") -> None:
-        super().__init__(backend, batch_size, host, python, startup_timeout_s)
-        from rm_runner.errors import ConfigError
+    options_class: type = TritonOptions
 
-        if server not in ("auto", "pytriton", "vllm"):
-            raise ConfigError(f"engine.server={server!r}: use auto, pytriton or vllm")
-        if request_timeout_s <= 0:
-            raise ConfigError(f"engine.request_timeout_s must be > 0, got {request_timeout_s}")
-        self.request_timeout_s = request_timeout_s
-        # pytriton: the device's backend inside PyTriton; vllm: tritonserver's vLLM backend (GPU hosts)
-        self.server_kind = server
-        if max_batch_size < batch_size:
-            raise ConfigError(f"engine.max_batch_size={max_batch_size} must be >= engine.batch_size={batch_size}")
-        self.ports = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port}
-        self.model_name, self.max_batch_size, self.max_queue_delay_us = model_name, max_batch_size, max_queue_delay_us
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        super().__init__(backend, **options)
+        o = self.options
+        self.request_timeout_s = o.request_timeout_s
+        self.server_kind = o.server.value  # auto is settled at start
+        self.ports = {"http_port": o.http_port, "grpc_port": o.grpc_port, "metrics_port": o.metrics_port}
+        self.model_name, self.max_batch_size, self.max_queue_delay_us = o.model_name, o.max_batch_size, o.max_queue_delay_us
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "server": self.server_kind, **self.ports, "max_batch_size": self.max_batch_size}

