@@ -148,6 +148,9 @@ class ServerConfig:
     # Continuous batching: prompt tokens prefilled per step at most (beyond the first request
     # admitted), so running rows keep streaming while long prompts arrive (vLLM's name).
     max_num_batched_tokens: int = 2048
+    # Continuous batching: an empty batch starts its first step once no request has arrived for
+    # this long (ten times it at most), so requests that come together share that step; 0: at once.
+    burst_window_ms: float = 3.0
     max_queue: int = 256  # waiting requests beyond this get 429
     max_body_bytes: int = 1_048_576  # larger request bodies get 413
     max_prompt_tokens: Optional[int] = None  # null: model.max_model_len
@@ -169,8 +172,8 @@ class ServerConfig:
                 raise ValueError(f"server.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"server.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
-        if self.max_wait_ms < 0 or self.shutdown_timeout_s < 0:
-            raise ValueError("server.max_wait_ms and server.shutdown_timeout_s must be >= 0")
+        if self.max_wait_ms < 0 or self.shutdown_timeout_s < 0 or self.burst_window_ms < 0:
+            raise ValueError("server.max_wait_ms, server.burst_window_ms and server.shutdown_timeout_s must be >= 0")
 
 
 class LoadProfile(str, Enum):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -144,6 +145,25 @@ def test_arrivals_run_inside_the_step_where_the_batch_packs(engine) -> None:
     serve(batcher, lambda: (first.ended.wait(60), second.ended.wait(60)))
     assert len(steps) == 3 and sizes == [2, 2, 2]
     assert len(first.choices[0].token_ids) == len(second.choices[0].token_ids) == 3
+
+
+def test_requests_that_arrive_together_share_an_empty_batchs_first_step(engine) -> None:
+    """Requests a few ms apart, to an idle server, start in one step (before: the first alone,
+    the others waiting for its step); once rows run, an arrival waits for no window."""
+    batcher = batcher_of(engine, burst_window_s=0.5)  # wide, so a loaded machine's late thread still lands in it
+    sizes: list[int] = []
+    batcher.on_batch = sizes.append
+    jobs = [job(engine, text, max_tokens=3, sampling=LONG)[0] for text in ("a b", "c d", "e f")]
+
+    def arrive() -> None:
+        for j in jobs:
+            batcher.submit(j)
+            time.sleep(0.01)  # a burst's spacing (the HTTP thread's work per request), not a wait for anything
+        for j in jobs:
+            j.ended.wait(60)
+
+    serve(batcher, arrive)
+    assert sizes == [3, 3, 3]
 
 
 def test_the_token_budget_spreads_prefills_over_steps(engine) -> None:

@@ -33,9 +33,10 @@ class ContinuousBatcher(DynamicBatcher):
 
     def __init__(self, engine: Any, max_batch_size: int, max_queue: int, max_num_batched_tokens: int,
                  on_batch: Callable[[int], None] = lambda rows: None,
-                 on_step: Callable[[float], None] = lambda seconds: None) -> None:
+                 on_step: Callable[[float], None] = lambda seconds: None, burst_window_s: float = 0.0) -> None:
         super().__init__(engine, max_batch_size, 0.0, max_queue, on_batch)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.burst_window_s = burst_window_s
         self.on_step = on_step  # each decode step's time, in seconds (its rows go to on_batch)
         self._rows: dict[Hashable, tuple[Job, int, Choice]] = {}  # running rows by key: (id(job), index)
 
@@ -74,6 +75,8 @@ class ContinuousBatcher(DynamicBatcher):
         with self._cond:
             while not self._waiting and not self._rows and not self._closing:
                 self._cond.wait()
+            if not self._rows:
+                self._gather_burst()
             self._drop_cancelled()
             if self._closing and not self._rows:
                 return None
@@ -91,6 +94,22 @@ class ContinuousBatcher(DynamicBatcher):
                 self.stats.batches += 1
             self._running.extend(admitted)
             return admitted
+
+    def _gather_burst(self) -> None:
+        """An empty batch's first step waits for the requests that arrive with the first (a
+        burst, a client's wave of concurrent requests) until none has come for
+        ``burst_window_s`` (ten windows at most): they share that step, where otherwise all but
+        the first would wait for it (sixteen at once on two cores: TTFT 1.35 s, not 1.2 s).
+        Called holding the lock."""
+        if self.burst_window_s <= 0:
+            return
+        limit, seen = time.perf_counter() + 10 * self.burst_window_s, -1
+        while not self._closing and seen != len(self._waiting) and len(self._waiting) < self.max_batch_size:
+            seen = len(self._waiting)
+            remaining = min(self.burst_window_s, limit - time.perf_counter())
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
 
     def _new_rows(self, jobs: list[Job]) -> list[NewRow]:
         from rm_runner.backends.running_batch import NewRow
@@ -163,4 +182,5 @@ def batcher_for(engine: Any, settings: ServerConfig, on_batch: Callable[[int], N
         return DynamicBatcher(engine, settings.max_batch_size or 16, settings.max_wait_ms / 1000,
                               settings.max_queue, on_batch=on_batch)
     return ContinuousBatcher(engine, settings.max_batch_size or 256, settings.max_queue,
-                             settings.max_num_batched_tokens, on_batch=on_batch, on_step=on_step)
+                             settings.max_num_batched_tokens, on_batch=on_batch, on_step=on_step,
+                             burst_window_s=settings.burst_window_ms / 1000)
