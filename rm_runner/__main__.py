@@ -67,11 +67,10 @@ def main() -> None:
 def composition_problem(argv: list[str]) -> str | None:
     """Why the run these arguments ask for does not compose (Hydra's own argument parser reads
     them), or None; Hydra's flags that print instead of running are left to Hydra."""
-    from hydra._internal.utils import get_args_parser
-
     from rm_runner.composition import check_overrides
+    from rm_runner.config import command_line
 
-    args, _ = get_args_parser().parse_known_args(argv)
+    args = command_line(argv)
     if args.help or args.hydra_help or args.info is not None or args.shell_completion or args.config_name \
             or args.config_path:
         return None

@@ -25,12 +25,14 @@ def explain(exc: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+    from rm_runner.config import SCHEMA_SUFFIX
+
     for error in _chain(exc):
         if isinstance(error, ConfigError):
             return str(error)
         if isinstance(error, MissingConfigException) and error.options is not None:
             group, _, option = (error.missing_cfg_file or "").rpartition("/")
-            options = [o for o in error.options if not o.endswith("_schema")]
+            options = [o for o in error.options if not o.endswith(SCHEMA_SUFFIX)]
             return (f"{group}={option}: no such option{did_you_mean(option, options)}; "
                     f"available options in '{group}': {', '.join(options)}")
         if isinstance(error, OverrideParseException):

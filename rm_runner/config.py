@@ -369,6 +369,11 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
+# A group option's schema is stored beside it as NAME + this (its YAML's defaults list names it);
+# the options a user may pick are the group's other entries.
+SCHEMA_SUFFIX = "_schema"
+
+
 def register_schema() -> None:
     """The run's schema, and each device's and engine's options as the schema its group option's
     YAML extends (``<name>_schema`` in its defaults list, as Hydra's schema pattern has it)."""
@@ -378,7 +383,7 @@ def register_schema() -> None:
     store.store(name="rm_runner_schema", node=RunConfig)
     for group, schemas in option_schemas().items():
         for name, schema in schemas.items():
-            store.store(group=group, name=f"{name}_schema", node=schema)
+            store.store(group=group, name=name + SCHEMA_SUFFIX, node=schema)
 
 
 def option_schemas() -> dict[str, dict[str, type]]:
@@ -403,6 +408,14 @@ def targeted(options_class: type, target: str) -> type:
 def quote_override(value: str) -> str:
     """A value in Hydra's override grammar, where = , and spaces need quotes."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def command_line(argv: list[str]) -> Any:
+    """``python -m rm_runner``'s arguments as Hydra's own parser reads them (``.overrides``,
+    ``.multirun``, ``.config_dir``, ...), so every tool sees the command line Hydra sees."""
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_known_args(argv)[0]
 
 
 @contextmanager
@@ -457,7 +470,7 @@ def check_options(schema: type, options: dict[str, Any], section: str) -> Any:
         return OmegaConf.to_object(merged)
     except ConfigKeyError as exc:
         key = str(getattr(exc, "key", "") or "")
-        raise ConfigError(f"{section}.{key}: unknown option{did_you_mean(key, fields)}; "
+        raise ConfigError(f"{section}.{key}: unknown option{did_you_mean(key, fields, f'{section}.')}; "
                           f"valid options are: {', '.join(fields)}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{section}.{explain(exc)}") from None

@@ -112,17 +112,18 @@ def render(jobs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from rm_runner.sweep.naming import command_line_overrides
-
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    flag = next((i for i, a in enumerate(argv) if a in ("--config-dir", "-cd")), None)
-    config_dir = Path(argv[flag + 1]) if flag is not None and flag + 1 < len(argv) else None
     from hydra.errors import HydraException
+
+    from rm_runner.config import command_line
+
+    args = command_line(argv)
+    multirun = bool(args.multirun)
+    config_dir = Path(args.config_dir) if args.config_dir else None
 
     from rm_runner.composition import explain
 
     try:
-        jobs = plan(command_line_overrides(argv), multirun, config_dir)
+        jobs = plan(list(args.overrides), multirun, config_dir)
     except (HydraException, ConfigError) as exc:  # the command line does not compose: one line naming it
         print(f"error: {explain(exc)}", file=sys.stderr)
         return 2

@@ -53,6 +53,16 @@ def test_every_job_of_a_sweep_is_checked() -> None:
     assert check_overrides(["device=cpu,remote"], multirun=True) is None
 
 
+def test_the_tools_read_the_command_line_as_hydra_does() -> None:
+    """A sweep's name, the dry run and the composition check take the overrides from Hydra's own
+    parser: a flag's value is not an override (a list of flags kept by hand took --cfg's "job")."""
+    from rm_runner.sweep.naming import command_line_overrides, sweep_name
+
+    argv = ["-m", "--cfg", "job", "--config-dir", "/tmp/recipes", "device=cpu,gpu", "--info", "config"]
+    assert command_line_overrides(argv) == ["device=cpu,gpu"]
+    assert sweep_name(command_line_overrides(argv)) == "device=cpu,gpu"
+
+
 def test_each_option_group_yaml_is_checked_against_its_schema() -> None:
     """The YAML's keys are the options dataclass's: composing gives the dataclass's types."""
     from hydra.utils import get_class

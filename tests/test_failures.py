@@ -45,7 +45,7 @@ def test_gpu_without_gpu_names_the_check_and_install_command(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["+device.nthreads=2"], "device.nthreads: unknown option (did you mean num_threads?); valid options are: python, num_threads"),
+        (["+device.nthreads=2"], "device.nthreads: unknown option (did you mean device.num_threads?); valid options are: python, num_threads"),
         (["device.num_threads=0"], "num_threads must be >= 1"),
         (["generation.do_sample=true", "generation.temperature=0"], "generation.temperature must be > 0"),
         (["workload=jsonl", "workload.path=/no/such.jsonl"], "workload.path: file '/no/such.jsonl' does not exist"),

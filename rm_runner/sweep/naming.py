@@ -15,11 +15,6 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-# Hydra's own flags that take a value; neither they nor their values are overrides.
-_FLAGS_WITH_VALUES = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp",
-                      "--experimental-rerun", "--package", "-p"}
-
-
 def sweep_name(overrides: list[str]) -> str:
     """A readable, filesystem-safe name for a sweep's overrides (their order kept out)."""
     items = sorted(o for o in overrides if not o.startswith(("hydra.", "hydra/", "sweep.force")))
@@ -31,15 +26,9 @@ def sweep_name(overrides: list[str]) -> str:
 
 
 def command_line_overrides(argv: Optional[list[str]] = None) -> list[str]:
-    args, skip = [], False
-    for arg in (sys.argv[1:] if argv is None else argv):
-        if skip:
-            skip = False
-        elif arg in _FLAGS_WITH_VALUES:
-            skip = True
-        elif not arg.startswith("-"):
-            args.append(arg)
-    return args
+    from rm_runner.config import command_line
+
+    return list(command_line(sys.argv[1:] if argv is None else argv).overrides)
 
 
 def register_resolvers() -> None:
