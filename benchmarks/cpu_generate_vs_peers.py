@@ -40,7 +40,7 @@ def rm_runner_round(args: argparse.Namespace, work: Path) -> dict:
         sys.executable, "-m", "rm_runner", "workload=jsonl", f"workload.path={args.prompts}",
         "workload.chat_template=false", f"generation.max_new_tokens={args.max_new_tokens}",
         "generation.ignore_eos=true", f"engine.batch_size={args.batch_size}", "model.dtype=float32",
-        "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={run_dir}",
+        "pipeline.steps.generate.print_outputs=false", f"hydra.run.dir={run_dir}",
     ])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ids = [json.loads(line)["token_ids"] for line in (run_dir / "generations.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ def run_engine(python: str, engine: str, requests: int, new_tokens: int, work: P
     run_dir = work / engine
     cmd = [python, "-m", "rm_runner", f"engine={engine}", "engine.batch_size=1", "workload=jsonl",
            f"workload.path={prompts}", f"generation.max_new_tokens={new_tokens}", "generation.ignore_eos=true",
-           "model.dtype=float32", "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={run_dir}"]
+           "model.dtype=float32", "pipeline.steps.generate.print_outputs=false", f"hydra.run.dir={run_dir}"]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - began

@@ -52,17 +52,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rm-runner-isolation-") as tmp:
         for i in range(args.rounds):
             run = Path(tmp) / f"plain-{i}"
-            plain_wall.append(timed([f"+recipe={args.recipe}", f"hydra.run.dir={run}"]))
+            plain_wall.append(timed([f"recipe={args.recipe}", f"hydra.run.dir={run}"]))
             plain_rate.append(throughput(run))
             sweep = Path(tmp) / f"sweep-{i}"
             # the job alone: the sweep's summary callback (plots) is not part of isolation's cost
-            iso_wall.append(timed(["-m", f"+recipe={args.recipe}", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.summary"]))
+            iso_wall.append(timed(["-m", f"recipe={args.recipe}", f"hydra.sweep.dir={sweep}", "~hydra.callbacks.summary"]))
             iso_rate.append(throughput(job_dirs(sweep)[0]))
             print(f"round {i + 1}: plain {plain_rate[-1]:.1f} tok/s in {plain_wall[-1]:.2f} s, "
                   f"isolated {iso_rate[-1]:.1f} tok/s in {iso_wall[-1]:.2f} s", flush=True)
     p, q = statistics.median(plain_rate), statistics.median(iso_rate)
     pw, qw = statistics.median(plain_wall), statistics.median(iso_wall)
-    print(f"\n+recipe={args.recipe}, median of {args.rounds} rounds")
+    print(f"\nrecipe={args.recipe}, median of {args.rounds} rounds")
     print("| | output tok/s | wall s |\n|---|---|---|")
     print(f"| plain run | {p:.1f} | {pw:.2f} |")
     print(f"| sweep job in its own process | {q:.1f} | {qw:.2f} |")

@@ -42,7 +42,7 @@ def rm_runner(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def offline(prompts: Path, new_tokens: int, rounds: int, latency_requests: int, work: Path) -> dict:
-    common = ["model.dtype=float32", "generation.ignore_eos=true", "pipeline.steps.1.print_outputs=false"]
+    common = ["model.dtype=float32", "generation.ignore_eos=true", "pipeline.steps.generate.print_outputs=false"]
     rates = []
     for i in range(rounds):
         run = work / f"offline-{i}"

@@ -422,7 +422,7 @@ def offline_round(args: argparse.Namespace, prompts: Path, overrides: list[str],
     cmd = [sys.executable, "-m", "rm_runner", "pipeline=generate", "device=cpu", "engine=local", f"model={MODEL}",
            "model.dtype=float32", "workload=jsonl", f"workload.path={prompts}", "workload.chat_template=false",
            f"engine.batch_size={args.offline_batch_size}", "generation.ignore_eos=true", "generation.do_sample=false",
-           f"generation.max_new_tokens={args.output_len}", "pipeline.steps.1.print_outputs=false",
+           f"generation.max_new_tokens={args.output_len}", "pipeline.steps.generate.print_outputs=false",
            f"hydra.run.dir={run_dir}", *overrides]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.bench_timeout)

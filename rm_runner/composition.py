@@ -72,7 +72,34 @@ def check_overrides(overrides: list[str], config_dir: Optional[str] = None, mult
             for job in jobs:
                 compose(config_name="config", overrides=[*search, *job])
     except Exception as exc:  # composition failed: the overrides' (or the config's) fault
+        added = _added_default(job)
+        if added is not None:  # it names the override itself
+            return added
         return f"[{' '.join(job)}] {explain(exc)}" if multirun else explain(exc)
+    return None
+
+
+def _added_default(overrides: list[str]) -> Optional[str]:
+    """Why ``+group=option`` fails for a group the root defaults list already has (``recipe:
+    null``, as lightning-hydra-template's ``experiment: null``): choose it without the ``+``."""
+    from importlib import resources
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # explain() says what does not parse
+        return None
+    root = OmegaConf.load(str(resources.files("rm_runner.conf") / "config.yaml"))
+    listed = {str(k): v for entry in root.defaults if OmegaConf.is_dict(entry) for k, v in entry.items()}
+    for override in parsed:
+        group = override.key_or_group
+        if override.is_add() and override.package is None and group in listed:
+            value, default = override.get_value_element_as_str(), listed[group]
+            return (f"+{group}={value}: '{group}' is in the defaults list already "
+                    f"({group}: {'null' if default is None else default}); "
+                    f"choose it without the +: {group}={value}")
     return None
 
 

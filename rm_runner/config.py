@@ -111,10 +111,12 @@ class WorkloadConfig:
 
 @dataclass
 class PipelineConfig:
-    """An ordered list of steps, each a `_target_` called with the run context."""
+    """The steps in order, each named (``pipeline.steps.generate.print_outputs=false``, as
+    lightning-hydra-template names its callbacks) and each a `_target_` called with the run
+    context; a step set to null (``pipeline.steps.load=null``) is left out."""
 
     name: str = MISSING
-    steps: list[Any] = MISSING
+    steps: dict[str, Any] = MISSING
 
 
 class Batching(str, Enum):

@@ -1,6 +1,6 @@
 """``python -m rm_runner.recipes list|validate``: what each recipe asks, and whether it still composes.
 
-A recipe (``recipes/NAME.yaml``, run as ``python -m rm_runner +recipe=NAME``) keeps an experiment
+A recipe (``recipes/NAME.yaml``, run as ``python -m rm_runner recipe=NAME``) keeps an experiment
 in git, so it must say what question it answers and it must keep composing as the code moves
 on. ``list`` shows the question; ``validate`` composes every recipe exactly as the runner would
 (and every job of a sweep recipe), checks it against the structured configs and checks each
@@ -59,7 +59,7 @@ class Recipe:
         if self.run:
             return self.run
         extra = f" --config-dir {shlex.quote(str(config_dir))}" if config_dir else ""
-        return f"python -m rm_runner{extra}{' -m' if self.sweep else ''} +recipe={self.name}"
+        return f"python -m rm_runner{extra}{' -m' if self.sweep else ''} recipe={self.name}"
 
 
 def parse_header(text: str) -> tuple[Optional[str], Optional[str], Optional[str], bool]:
@@ -207,7 +207,7 @@ def check_target(section: str, node: dict[str, Any]) -> None:
 def _compose(name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose
 
-    return compose(config_name="config", overrides=[f"+{GROUP}={name}", *overrides], return_hydra_config=True)
+    return compose(config_name="config", overrides=[f"{GROUP}={name}", *overrides], return_hydra_config=True)
 
 
 def check_job(cfg: DictConfig) -> None:

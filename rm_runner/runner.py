@@ -50,7 +50,7 @@ def prepare(cfg: DictConfig, run_dir: RunDir) -> tuple[RunContext, list[Any]]:
         raise DeviceUnavailableError(availability.unavailable(backend.name))
     engine = build("engine", cfg.engine, backend=backend)
     engine.log_dir = run_dir.path
-    steps = [build(f"pipeline.steps[{i}]", step) for i, step in enumerate(cfg.pipeline.steps)]
+    steps = [build(f"pipeline.steps.{name}", step) for name, step in cfg.pipeline.steps.items() if step is not None]
     model = OmegaConf.to_object(cfg.model)
     source = build("model.source", cfg.model.source)
     source.check()

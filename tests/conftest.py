@@ -167,7 +167,7 @@ def local_answer(tmp_path: Path, max_new_tokens: int = 16) -> str:
     """The local engine's greedy float32 answer to QUESTION (chat template): what every engine must match."""
     import json
 
-    run = cli("model.dtype=float32", f"generation.max_new_tokens={max_new_tokens}", "pipeline.steps.1.print_outputs=false",
+    run = cli("model.dtype=float32", f"generation.max_new_tokens={max_new_tokens}", "pipeline.steps.generate.print_outputs=false",
               f"workload.prompts=['{QUESTION}']", f"hydra.run.dir={tmp_path}/local")
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((tmp_path / "local" / "generations.jsonl").read_text().splitlines()[0])["text"]
@@ -194,7 +194,7 @@ def served_like_local(tmp_path: Path, engine: str) -> dict:
 
     import psutil
 
-    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
+    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.generate.print_outputs=false")
     local = cli(*common, f"hydra.run.dir={tmp_path}/local")
     assert local.returncode == 0, local.stderr[-3000:]
     addresses, family = run_watching_sockets(tmp_path, engine, *common, f"engine={engine}")
@@ -216,7 +216,7 @@ def staggered_like_offline(server: Server, tmp_path: Path, model: str = "smollm2
     import openai
 
     offline = cli("model.dtype=float32", "generation.max_new_tokens=24", "generation.ignore_eos=true",
-                  "engine.batch_size=16", "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={tmp_path}/offline")
+                  "engine.batch_size=16", "pipeline.steps.generate.print_outputs=false", f"hydra.run.dir={tmp_path}/offline")
     assert offline.returncode == 0, offline.stderr[-3000:]
     asked = [[{"role": "user", "content": json.loads(line)["prompt"]}]  # the workload's prompts, chat-templated
              for line in (tmp_path / "offline" / "generations.jsonl").read_text().splitlines()]

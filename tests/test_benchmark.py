@@ -15,7 +15,7 @@ from tests.conftest import cli
 
 def test_in_process_figures_follow_from_the_records(tiny) -> None:
     run = tiny("pipeline=benchmark", "benchmark.repetitions=2", "generation.max_new_tokens=12",
-               "generation.ignore_eos=true", "pipeline.steps.1.print_table=false")
+               "generation.ignore_eos=true", "pipeline.steps.benchmark.print_table=false")
     bench = run.read_json("metrics.json")["benchmark"]
     records = run.read_jsonl("benchmark.jsonl")
     assert bench["schema"] == "rm_runner.benchmark/1" and bench["target"] == "engine"
@@ -37,14 +37,14 @@ def test_synthetic_workload_has_exact_lengths_in_the_models_tokens(tiny) -> None
     run = tiny("pipeline=benchmark", "workload.prompts=[]", "workload.synthetic.num_prompts=5",
                "workload.synthetic.input_tokens=20", "workload.synthetic.input_tokens_stddev=4",
                "workload.synthetic.output_tokens=7", "generation.ignore_eos=true", "benchmark.repetitions=1",
-               "benchmark.warmup=0", "pipeline.steps.1.print_table=false")
+               "benchmark.warmup=0", "pipeline.steps.benchmark.print_table=false")
     records = run.read_jsonl("benchmark.jsonl")
     assert len(records) == 5 and all(r["output_tokens"] == 7 for r in records)
     assert len({r["prompt_tokens"] for r in records}) > 1  # lengths drawn, not fixed
     again = tiny("pipeline=benchmark", "workload.prompts=[]", "workload.synthetic.num_prompts=5",
                  "workload.synthetic.input_tokens=20", "workload.synthetic.input_tokens_stddev=4",
                  "workload.synthetic.output_tokens=7", "generation.ignore_eos=true", "benchmark.repetitions=1",
-                 "benchmark.warmup=0", "pipeline.steps.1.print_table=false")
+                 "benchmark.warmup=0", "pipeline.steps.benchmark.print_table=false")
     assert [r["prompt_tokens"] for r in again.read_jsonl("benchmark.jsonl")] == [r["prompt_tokens"] for r in records]
 
 
@@ -57,7 +57,7 @@ def test_sharegpt_workload_takes_output_lengths_from_the_replies(tiny, tmp_path:
     path.write_text(json.dumps(data))
     run = tiny("pipeline=benchmark", "workload.prompts=[]", f"workload.sharegpt_path={path}",
                "generation.ignore_eos=true", "benchmark.repetitions=1", "benchmark.warmup=0",
-               "pipeline.steps.1.print_table=false")
+               "pipeline.steps.benchmark.print_table=false")
     lengths = {r["id"]: r["output_tokens"] for r in run.read_jsonl("benchmark.jsonl")}
     assert lengths == {"a": 3, "b": 8}  # the tiny tokenizer has one token per word
 
@@ -75,7 +75,7 @@ def test_a_malformed_sharegpt_turn_names_the_entry(tiny, tmp_path: Path, turns: 
 def test_load_profiles_through_the_api(tiny) -> None:
     run = tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=concurrent",
                "benchmark.load.concurrency=4", "benchmark.repetitions=1", "generation.max_new_tokens=8",
-               "server.port=0", "server.max_wait_ms=50", "pipeline.steps.1.print_table=false")
+               "server.port=0", "server.max_wait_ms=50", "pipeline.steps.benchmark.print_table=false")
     bench = run.read_json("metrics.json")["benchmark"]
     records = run.read_jsonl("benchmark.jsonl")
     assert bench["target"] == "api" and bench["endpoint"].startswith("http://127.0.0.1:")
@@ -84,7 +84,7 @@ def test_load_profiles_through_the_api(tiny) -> None:
     assert bench["server"]["mean_batch_size"] > 1  # concurrent requests shared batches
     sweep = tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=sweep",
                  "benchmark.load.rates=[50,200]", "benchmark.repetitions=1", "benchmark.warmup=0",
-                 "generation.max_new_tokens=4", "server.port=0", "pipeline.steps.1.print_table=false")
+                 "generation.max_new_tokens=4", "server.port=0", "pipeline.steps.benchmark.print_table=false")
     by_rate = sweep.read_json("metrics.json")["benchmark"]["by_rate"]
     assert set(by_rate) == {"50.0", "200.0"}
     assert {r["rate"] for r in sweep.read_jsonl("benchmark.jsonl")} == {50.0, 200.0}
@@ -100,7 +100,7 @@ def test_a_timed_trace_is_replayed_at_its_timestamps(tiny, tmp_path: Path) -> No
                              for rid, at in times.items()))
     run = tiny("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=trace", "workload=jsonl",
                f"workload.path={trace}", "benchmark.repetitions=1", "benchmark.warmup=0",
-               "generation.max_new_tokens=3", "pipeline.steps.1.print_table=false")
+               "generation.max_new_tokens=3", "pipeline.steps.benchmark.print_table=false")
     records = {r["id"]: r for r in run.read_jsonl("benchmark.jsonl")}
     assert set(records) == set(times) and all(r["ok"] for r in records.values())
     for rid, at in times.items():

@@ -65,7 +65,7 @@ def test_capacity_needs_an_slo_and_the_http_target(tiny) -> None:
 
 COMMON = ("pipeline=benchmark", "benchmark.target=api", "benchmark.load.profile=capacity", "benchmark.warmup=0",
           "generation.max_new_tokens=8", "generation.ignore_eos=true", "benchmark.load.concurrency=8",
-          "pipeline.steps.1.print_table=false")
+          "pipeline.steps.benchmark.print_table=false")
 
 
 def test_a_pass_that_cannot_meet_the_slo_stops_early(tiny) -> None:

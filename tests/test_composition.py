@@ -25,8 +25,12 @@ from tests.conftest import cli, compose_run
         (["engine=triton", "engine.server=tritonserver"], "engine.server: Invalid value 'tritonserver', expected one of"),
         (["device=cpuu"], "device=cpuu: no such option (did you mean cpu?); available options in 'device': auto, cpu,"),
         (["generation.max_new_token=4"], "generation.max_new_token: no such key (did you mean generation.max_new_tokens?)"),
+        (["+recipe=cpu-smoke"], "+recipe=cpu-smoke: 'recipe' is in the defaults list already (recipe: null); "
+                                "choose it without the +: recipe=cpu-smoke"),
+        (["pipeline.steps.generat.print_outputs=false"],
+         "pipeline.steps.generat: no such key (did you mean pipeline.steps.generate?); valid keys: load, generate"),
     ],
-    ids=["device-typo", "engine-type", "engine-key", "enum", "group-option", "schema-key"],
+    ids=["device-typo", "engine-type", "engine-key", "enum", "group-option", "schema-key", "recipe-plus", "step-name"],
 )
 def test_a_bad_override_names_the_key_and_its_fix(overrides: list[str], message: str) -> None:
     assert check_overrides(overrides).startswith(message)

@@ -25,7 +25,7 @@ def options(group: str) -> list[str]:
     [f"device={o}" for o in options("device") if o != "plugin"]
     + [f"model={o}" for o in options("model") if o != "local"]
     + [f"workload={o}" for o in options("workload") if o != "jsonl"]
-    + [f"+recipe={o}" for o in options("recipe")],
+    + [f"recipe={o}" for o in options("recipe")],
 )
 def test_every_option_composes_and_validates(override: str) -> None:
     cfg = validated(compose_run(override))
@@ -72,3 +72,14 @@ def test_wrong_type_or_key_rejected_at_composition(tmp_path: Path, override: str
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()  # rejected before any run started
+
+
+def test_steps_are_named_and_a_null_step_is_left_out(tiny) -> None:
+    """pipeline.steps is keyed by name, run in order; null drops a step (here the generation,
+    so the run loads the model and writes no generations)."""
+    cfg = compose_run("pipeline=benchmark", "pipeline.steps.benchmark.print_table=false")
+    assert list(cfg.pipeline.steps) == ["load", "benchmark"] and cfg.pipeline.steps.benchmark.print_table is False
+    both, loaded_only = tiny("generation.max_new_tokens=2"), tiny("pipeline.steps.generate=null")
+    assert (both.path / "generations.jsonl").exists() and not (loaded_only.path / "generations.jsonl").exists()
+    assert loaded_only.read_json("status.json")["status"] == "ok"
+    assert loaded_only.read_json("metrics.json")["load_time_s"] > 0

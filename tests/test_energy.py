@@ -139,7 +139,7 @@ def test_a_benchmark_records_the_meters_energy_net_of_idle(tiny, tmp_path: Path,
     counter.start()
     try:
         run = tiny("pipeline=benchmark", "benchmark.repetitions=2", "generation.max_new_tokens=8",
-                   "generation.ignore_eos=true", "benchmark.energy.idle_s=0.3", "pipeline.steps.1.print_table=false")
+                   "generation.ignore_eos=true", "benchmark.energy.idle_s=0.3", "pipeline.steps.benchmark.print_table=false")
     finally:
         done.set()
         counter.join()

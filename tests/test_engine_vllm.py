@@ -76,7 +76,7 @@ def test_a_request_timeout_that_is_not_positive_is_refused_by_name() -> None:
 
 @needs_vllm
 def test_vllm_server_answers_like_the_local_engine(tmp_path: Path) -> None:
-    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.1.print_outputs=false")
+    common = ("model.dtype=float32", "generation.max_new_tokens=24", "pipeline.steps.generate.print_outputs=false")
     local = cli(*common, f"hydra.run.dir={tmp_path}/local")
     served = cli(*common, "engine=vllm", f"hydra.run.dir={tmp_path}/vllm")
     assert local.returncode == 0 and served.returncode == 0, served.stderr[-3000:]

@@ -134,7 +134,7 @@ def test_dry_run_plans_a_sweep_without_loading_or_writing(tmp_path: Path) -> Non
 
 def test_dry_run_numbers_a_recipe_sweep_as_hydra_does(tmp_path: Path) -> None:
     def jobs(*args: str) -> list[str]:
-        result = cli("--dry-run", "-m", "+recipe=compare-devices", "model=tiny-random", *args, cwd=tmp_path)
+        result = cli("--dry-run", "-m", "recipe=compare-devices", "model=tiny-random", *args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
         return [r[2].strip() for r in rows[1:]]

@@ -41,23 +41,23 @@ def test_list_shows_each_recipe_with_its_question(capsys: pytest.CaptureFixture[
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["NAME", "QUESTION"]
     assert " ".join(table.split()).count(CPU_SMOKE_QUESTION) == 1  # wrapped to the terminal, same words
-    assert "run: python -m rm_runner +recipe=cpu-smoke" in table
+    assert "run: python -m rm_runner recipe=cpu-smoke" in table
 
     assert main(["list", "--json"]) == 0
     recipes = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(recipes) == set(SHIPPED)
     smoke = recipes["cpu-smoke"]
     assert smoke["question"] == CPU_SMOKE_QUESTION
-    assert smoke["run"] == "python -m rm_runner +recipe=cpu-smoke"
+    assert smoke["run"] == "python -m rm_runner recipe=cpu-smoke"
     assert smoke["sweep"] == {} and smoke["jobs"] == 1
     assert all(r["question"] for r in recipes.values()), "every shipped recipe says what it asks"
 
 
 def test_header_rule() -> None:
     text = ("# @package _global_\n# Question: how fast is it\n#   on two lines?  Run:  python -m rm_runner\n"
-            "#   +recipe=x\n\n# Needs: a GPU.\ndefaults: []\n# not part of the header\n")
+            "#   recipe=x\n\n# Needs: a GPU.\ndefaults: []\n# not part of the header\n")
     assert parse_header(text) == ("how fast is it on two lines?", "python -m rm_runner",
-                                  "+recipe=x Needs: a GPU.", True)
+                                  "recipe=x Needs: a GPU.", True)
     assert parse_header("# Question: no command\nx: 1\n") == ("no command", None, None, False)
     assert parse_header("# just a comment\nx: 1\n") == (None, None, None, False)
 
@@ -81,7 +81,7 @@ def test_user_sweep_recipe_is_listed_and_every_job_composed(tmp_path: Path,
     assert recipes["cpu-smoke"]["shadowed"] == [str(tmp_path / "recipe" / "cpu-smoke.yaml")]  # ... and says so
     assert recipes["devices"]["sweep"] == {"device": "cpu,gpu,rbln", "generation.max_new_tokens": "8,16"}
     assert recipes["devices"]["jobs"] == 6
-    assert recipes["devices"]["run"] == f"python -m rm_runner --config-dir {tmp_path} -m +recipe=devices"
+    assert recipes["devices"]["run"] == f"python -m rm_runner --config-dir {tmp_path} -m recipe=devices"
     assert main(["--config-dir", str(tmp_path), "validate", "devices"]) == 0
     assert capsys.readouterr().out.splitlines() == ["ok      devices (6 sweep jobs)", "1 ok, 0 failed"]
 
@@ -94,8 +94,8 @@ def test_user_sweep_recipe_is_listed_and_every_job_composed(tmp_path: Path,
         ("device:\n  num_thread: 4\n",
          "device.num_thread: no such key (did you mean device.num_threads?); valid keys: python, num_threads,"),
         ("engine:\n  batchsize: 4\n", "engine.batchsize: no such key (did you mean engine.batch_size?); valid keys: batch_size"),
-        ("pipeline:\n  steps:\n    - _target_: rm_runner.pipeline.generate.Generat\n",
-         "pipeline.steps[0]._target_: rm_runner.pipeline.generate.Generat not found"),
+        ("pipeline:\n  steps:\n    generate:\n      _target_: rm_runner.pipeline.generate.Generat\n",
+         "pipeline.steps.generate._target_: rm_runner.pipeline.generate.Generat not found"),
         ("generation:\n  temperature: 0\n", "generation.temperature must be > 0"),
         ("defaults:\n  - override /device: tpu\n",
          "device=tpu: no such option (did you mean gpu?); available options in 'device': auto, cpu,"),

@@ -71,7 +71,7 @@ def vllm_server(tmp_path_factory):
 
 
 def test_remote_vllm_matches_local_pytorch_token_ids(vllm_server: str, tmp_path: Path) -> None:
-    common = ("generation.max_new_tokens=24", "model.dtype=float32", "pipeline.steps.1.print_outputs=false")
+    common = ("generation.max_new_tokens=24", "model.dtype=float32", "pipeline.steps.generate.print_outputs=false")
     local = cli(*common, f"hydra.run.dir={tmp_path}/local")
     remote = cli(*common, "device=remote", f"device.base_url={vllm_server}", f"hydra.run.dir={tmp_path}/remote")
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-3000:]

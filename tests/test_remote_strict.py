@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import QUESTION, Server, ask, cli
 
-COMMON = ("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.1.print_outputs=false",
+COMMON = ("model.dtype=float32", "generation.max_new_tokens=16", "pipeline.steps.generate.print_outputs=false",
           f"workload.prompts=['{QUESTION}','What is 12 plus 7?']")
 
 
@@ -249,6 +249,8 @@ def test_logprobs_pass_through_to_a_server_that_has_them(api: Server, strict: Se
         entries = [e for chunk in chat if chunk.choices and chunk.choices[0].logprobs
                    for e in chunk.choices[0].logprobs.content]
         assert len(entries) == 3 and all(len(e.top_logprobs) == 2 for e in entries)
+        # on disk once the client has [DONE] (which it closes on): not left to after the relay ends
+        assert [r["status"] for r in requests_of(tmp_path / "front") if r.get("passthrough")] == [200, 200]
         with pytest.raises(openai.BadRequestError, match="logprobs are not served here") as refused:
             openai.OpenAI(base_url=strict_front.url, api_key="-").completions.create(model="smollm2-135m", **ask)
         assert refused.value.body["param"] == "logprobs"
@@ -256,5 +258,8 @@ def test_logprobs_pass_through_to_a_server_that_has_them(api: Server, strict: Se
         for server in (front, strict_front):
             code, _, err = server.stop()
             assert code == 0, err[-2000:]
-    passed_records = [json.loads(line) for line in (tmp_path / "front" / "requests.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in passed_records if r.get("passthrough")] == [200, 200]
+    assert [r["status"] for r in requests_of(tmp_path / "front") if r.get("passthrough")] == [200, 200]
+
+
+def requests_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()]

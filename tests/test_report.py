@@ -40,7 +40,7 @@ def test_a_sweep_report_holds_its_tables_plots_and_config(tmp_path: Path) -> Non
 
 def test_a_run_report_is_written_however_the_run_ends(tiny) -> None:
     run = tiny("pipeline=benchmark", "benchmark.repetitions=1", "generation.max_new_tokens=4",
-               "pipeline.steps.1.print_table=false")
+               "pipeline.steps.benchmark.print_table=false")
     text = (run.path / "report.html").read_text()
     self_contained(text)
     assert "<p>status: ok</p>" in text and "<td>output_throughput</td>" in text and "tiny-random" in text

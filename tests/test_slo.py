@@ -62,7 +62,7 @@ def test_presets_fill_what_is_not_set_and_bad_values_name_the_field() -> None:
 def test_goodput_agrees_with_a_count_by_hand_from_the_records(tiny, where: tuple[str, ...]) -> None:
     run = tiny("pipeline=benchmark", *where, "benchmark.repetitions=2", "generation.max_new_tokens=8",
                "generation.ignore_eos=true", "benchmark.slo.ttft_s.max=0.05", "benchmark.slo.tpot_s.max=0.5",
-               "benchmark.slo.attainment=0.5", "pipeline.steps.1.print_table=false")
+               "benchmark.slo.attainment=0.5", "pipeline.steps.benchmark.print_table=false")
     bench = run.read_json("metrics.json")["benchmark"]
     records = run.read_jsonl("benchmark.jsonl")
     assert bench["slo"] == {"preset": None, "attainment": 0.5, "ttft_s": {"max": 0.05, "p": 99.0},

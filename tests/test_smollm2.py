@@ -37,7 +37,7 @@ def test_packed_and_plain_linear_agree_on_the_real_model(tmp_path: Path) -> None
     runs = {}
     for packed in ("true", "false"):
         proc = cli(f"device.onednn_linear={packed}", "generation.max_new_tokens=32", "generation.ignore_eos=true",
-                   "pipeline.steps.1.print_outputs=false", f"hydra.run.dir={tmp_path}/{packed}")
+                   "pipeline.steps.generate.print_outputs=false", f"hydra.run.dir={tmp_path}/{packed}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[packed] = [json.loads(line)["token_ids"] for line in (tmp_path / packed / "generations.jsonl").open()]
     assert runs["true"] == runs["false"]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 def test_vllm_cpu_matches_pytorch_token_ids_on_the_packaged_model(tmp_path: Path) -> None:
     common = ("workload=jsonl", f"workload.path={SHARED_W16}", "workload.chat_template=false",
               "generation.max_new_tokens=32", "generation.ignore_eos=true", "model.dtype=float32",
-              "pipeline.steps.1.print_outputs=false")
+              "pipeline.steps.generate.print_outputs=false")
     torch_run = cli(*common, f"hydra.run.dir={tmp_path}/pytorch")
     assert torch_run.returncode == 0, torch_run.stderr[-3000:]
     vllm_run = cli(*common, "device.mode=vllm", f"hydra.run.dir={tmp_path}/vllm")

@@ -410,12 +410,27 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         status, answer = await passthrough.send(path, body.model_dump(exclude_unset=True), served.name)
         if status == 200 and body.stream:
             async def relayed() -> AsyncIterator[str]:
-                first = None
-                async for line in answer:
-                    first = first or (time.perf_counter() if line.startswith("data: ") else None)
-                    yield line
-                record(where, 200, passthrough=True, stream=True, latency_s=round(time.perf_counter() - began, 6),
-                       ttft_s=round(first - began, 6) if first else None)
+                # recorded before [DONE] goes out: a client that closes on it may have the relay
+                # cancelled before it is asked for another line
+                first, recorded = None, False
+
+                def figures() -> dict[str, Any]:
+                    return dict(passthrough=True, stream=True, latency_s=round(time.perf_counter() - began, 6),
+                                ttft_s=round(first - began, 6) if first else None)
+
+                try:
+                    async for line in answer:
+                        if line.startswith("data: [DONE]") and not recorded:
+                            record(where, 200, **figures())
+                            recorded = True
+                        first = first or (time.perf_counter() if line.startswith("data: ") else None)
+                        yield line
+                    if not recorded:  # the server behind ended without [DONE]
+                        record(where, 200, **figures())
+                        recorded = True
+                finally:
+                    if not recorded:
+                        record(where, 499, error_type="client_disconnected", **figures())
 
             return StreamingResponse(relayed(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
