@@ -113,7 +113,7 @@ class WorkloadConfig:
 class PipelineConfig:
     """The steps in order, each named (``pipeline.steps.generate.print_outputs=false``, as
     lightning-hydra-template names its callbacks) and each a `_target_` called with the run
-    context; a step set to null (``pipeline.steps.load=null``) is left out."""
+    context; a step set to null (``pipeline.steps.generate=null``) is left out."""
 
     name: str = MISSING
     steps: dict[str, Any] = MISSING

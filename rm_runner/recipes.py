@@ -1,6 +1,6 @@
 """``python -m rm_runner.recipes list|validate``: what each recipe asks, and whether it still composes.
 
-A recipe (``recipes/NAME.yaml``, run as ``python -m rm_runner recipe=NAME``) keeps an experiment
+A recipe (``conf/recipe/NAME.yaml``, run as ``python -m rm_runner recipe=NAME``) keeps an experiment
 in git, so it must say what question it answers and it must keep composing as the code moves
 on. ``list`` shows the question; ``validate`` composes every recipe exactly as the runner would
 (and every job of a sweep recipe), checks it against the structured configs and checks each

@@ -410,27 +410,29 @@ def create_app(served: Served, on_record: Callable[[dict[str, Any]], None] = lam
         status, answer = await passthrough.send(path, body.model_dump(exclude_unset=True), served.name)
         if status == 200 and body.stream:
             async def relayed() -> AsyncIterator[str]:
-                # recorded before [DONE] goes out: a client that closes on it may have the relay
-                # cancelled before it is asked for another line
-                first, recorded = None, False
+                first, ended = None, False
 
-                def figures() -> dict[str, Any]:
-                    return dict(passthrough=True, stream=True, latency_s=round(time.perf_counter() - began, 6),
-                                ttft_s=round(first - began, 6) if first else None)
+                def done(status: int, **error: Any) -> None:
+                    record(where, status, passthrough=True, stream=True, latency_s=round(time.perf_counter() - began, 6),
+                           ttft_s=round(first - began, 6) if first else None, **error)
 
                 try:
                     async for line in answer:
-                        if line.startswith("data: [DONE]") and not recorded:
-                            record(where, 200, **figures())
-                            recorded = True
+                        if line.startswith("data: [DONE]"):  # recorded first: a client may close on it
+                            ended = True
+                            done(200)
                         first = first or (time.perf_counter() if line.startswith("data: ") else None)
                         yield line
-                    if not recorded:  # the server behind ended without [DONE]
-                        record(where, 200, **figures())
-                        recorded = True
+                    if not ended:  # the server behind ended without [DONE]
+                        ended = True
+                        done(200)
+                except Exception as exc:  # the server behind broke off mid-stream
+                    ended = True
+                    done(502, error_type="upstream_error", error=str(exc))
+                    raise
                 finally:
-                    if not recorded:
-                        record(where, 499, error_type="client_disconnected", **figures())
+                    if not ended:  # the client went away mid-stream
+                        done(499, error_type="client_disconnected")
 
             return StreamingResponse(relayed(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
